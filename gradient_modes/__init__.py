@@ -1,0 +1,7 @@
+"""Built-in gradient modes: SDO and the baselines it is compared with."""
+
+from sdo_lightning.gradient_modes.full_backprop import FullBackprop
+from sdo_lightning.gradient_modes.shortcut import ShortcutGradient
+from sdo_lightning.gradient_modes.truncated import TruncatedBackprop
+
+__all__ = ["FullBackprop", "ShortcutGradient", "TruncatedBackprop"]

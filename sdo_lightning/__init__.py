@@ -1,0 +1,21 @@
+"""sdo-lightning: Shortcut Diffusion Optimization on PyTorch Lightning.
+
+The public plugin contracts are :class:`Objective`, :class:`Solver` and :class:`GradientMode`;
+:func:`sample` is the one sampling loop that composes them.
+"""
+
+from sdo_lightning.contracts import GradientMode, GradientPlan, Objective, Solver, SolverState, Target
+from sdo_lightning.sampling import Denoiser, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Denoiser",
+    "GradientMode",
+    "GradientPlan",
+    "Objective",
+    "Solver",
+    "SolverState",
+    "Target",
+    "sample",
+]

@@ -1,0 +1,250 @@
+"""The three public plugin contracts: :class:`Objective`, :class:`Solver`, :class:`GradientMode`.
+
+A plugin is a subclass of one of these. Defining (importing) a concrete subclass registers it
+under its class name; see :mod:`sdo_lightning.registry` for how third-party packages are found.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+# kind -> {class name -> class}; filled by ``__init_subclass__`` of the three contracts.
+REGISTRY: dict[str, dict[str, type]] = {"objectives": {}, "solvers": {}, "gradient_modes": {}}
+
+
+def _register(kind: str, cls: type) -> None:
+    if inspect.isabstract(cls) or cls.__name__.startswith("_"):
+        return
+    known = REGISTRY[kind].get(cls.__name__)
+    if known is not None and known is not cls and known.__module__ != cls.__module__:
+        warnings.warn(
+            f"{kind[:-1]} {cls.__name__!r} from {cls.__module__} shadows the one from "
+            f"{known.__module__}; rename one of them, since YAML refers to plugins by class name.",
+            stacklevel=3,
+        )
+    REGISTRY[kind][cls.__name__] = cls
+
+
+class Objective(nn.Module, abc.ABC):
+    """A differentiable metric on generated images: lower is better.
+
+    Subclasses implement ``forward(images, batch)``: ``images`` is a ``(B, C, H, W)`` float
+    tensor with values in ``[0, 1]`` (decoded samples), ``batch`` is the dict the data module
+    produced for these samples (class labels, prompts, reference images, ...). It returns a
+    per-sample loss of shape ``(B,)``. It must not mix samples: sample ``i``'s loss may only
+    depend on ``images[i]``.
+
+    ``terms`` may be filled by ``forward`` with named per-sample tensors (e.g. the target-class
+    probability) that the LightningModules log beside the loss.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _register("objectives", cls)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.terms: dict[str, Tensor] = {}
+
+    @abc.abstractmethod
+    def forward(self, images: Tensor, batch: dict[str, Any]) -> Tensor:
+        """Return the per-sample loss ``(B,)`` of ``images`` ``(B, C, H, W)`` in ``[0, 1]``."""
+
+
+@dataclass
+class SolverState:
+    """Everything one trajectory's solver needs, fresh for every trajectory.
+
+    Attributes:
+        scheduler: a newly built diffusers scheduler whose ``set_timesteps`` was called for this
+            trajectory (multistep solvers keep their history in it).
+        timesteps: the timesteps this trajectory visits, one network call each.
+        generator: the trajectory's random generator (stochastic solvers draw from it only).
+    """
+
+    scheduler: Any
+    timesteps: Tensor
+    generator: torch.Generator | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Solver(abc.ABC):
+    """A numerical solver of the sampling ODE/SDE, wrapping one diffusers scheduler.
+
+    The solver owns the timesteps and the update ``x_t -> x_{t-1}`` from the network output.
+    It never decides which network calls keep an autograd graph. All hidden scheduler state
+    lives in the :class:`SolverState` returned by :meth:`begin`, built anew for every trajectory,
+    so nothing leaks between trajectories and stochastic solvers are reproducible.
+
+    Args:
+        num_inference_steps: number of network calls of a full trajectory.
+        start_timestep: start sampling at this training timestep (e.g. 600 of 1000, as in the
+            paper's style and aesthetic experiments) instead of from pure noise: the trajectory
+            then visits only the timesteps ``<= start_timestep`` of the full schedule.
+        scheduler_kwargs: overrides of the diffusers scheduler config (e.g. ``timestep_spacing``).
+    """
+
+    #: the diffusers scheduler class this solver wraps
+    scheduler_cls: ClassVar[type]
+    #: config values this project sets unless the user overrides them (see the warnings)
+    default_overrides: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _register("solvers", cls)
+
+    def __init__(
+        self,
+        num_inference_steps: int = 50,
+        start_timestep: int | None = None,
+        scheduler_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+        self.num_inference_steps = num_inference_steps
+        self.start_timestep = start_timestep
+        self.scheduler_kwargs = dict(scheduler_kwargs or {})
+        self._warned = False
+
+    # -- building the scheduler ----------------------------------------------------------
+    def build_scheduler(self, scheduler_config: dict[str, Any] | None = None) -> Any:
+        """A new diffusers scheduler from the model's config, this solver's defaults and overrides."""
+        base = dict(scheduler_config or {})
+        base.pop("_class_name", None)
+        base.pop("_diffusers_version", None)
+        config = {**base, **self.default_overrides, **self.scheduler_kwargs}
+        scheduler = self.scheduler_cls.from_config(config)
+        self._check_skip_path(scheduler.config)
+        return scheduler
+
+    def _check_skip_path(self, config: Any) -> None:
+        if self._warned:
+            return
+        accepted = inspect.signature(self.scheduler_cls.__init__).parameters
+        for key in ("clip_sample", "thresholding"):
+            if key in accepted and config.get(key, False):
+                self._warned = True
+                warnings.warn(
+                    f"{type(self).__name__}: scheduler {key}=True clamps the predicted x_0, and where "
+                    "the clamp saturates the SDO skip path carries no gradient (the gradient becomes "
+                    f"exactly 0); set scheduler_kwargs: {{{key}: false}} unless you need it.",
+                    UserWarning,
+                    stacklevel=4,
+                )
+
+    # -- one trajectory --------------------------------------------------------------------
+    def begin(
+        self,
+        scheduler_config: dict[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SolverState:
+        """Start one trajectory: a fresh scheduler with its timesteps set, and its generator."""
+        scheduler = self.build_scheduler(scheduler_config)
+        scheduler.set_timesteps(self.num_inference_steps, device=device)
+        timesteps = scheduler.timesteps
+        begin_index = 0
+        if self.start_timestep is not None:
+            later = (timesteps > self.start_timestep).nonzero()
+            begin_index = int(later[-1]) + 1 if len(later) else 0
+            if begin_index >= len(timesteps):
+                raise ValueError(
+                    f"start_timestep={self.start_timestep} is below every timestep of the schedule "
+                    f"({timesteps.tolist()[-3:]}...); choose a larger start_timestep."
+                )
+            timesteps = timesteps[begin_index:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(begin_index)
+        return SolverState(scheduler=scheduler, timesteps=timesteps, generator=generator)
+
+    def scale_model_input(self, x: Tensor, t: Tensor, state: SolverState) -> Tensor:
+        """The network input at timestep ``t`` (identity for DDIM, DPM-Solver++ and LCM)."""
+        return state.scheduler.scale_model_input(x, t)
+
+    @abc.abstractmethod
+    def step(self, model_output: Tensor, t: Tensor, x: Tensor, state: SolverState) -> Tensor:
+        """Return ``x`` at the next (lower-noise) timestep. Must stay differentiable in both
+        ``model_output`` and ``x``."""
+
+    def first_timestep(self, scheduler_config: dict[str, Any] | None = None) -> int:
+        """The training timestep of the first network call (where the start latent lives)."""
+        return int(self.begin(scheduler_config).timesteps[0])
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(num_inference_steps={self.num_inference_steps}, "
+            f"start_timestep={self.start_timestep})"
+        )
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the optimizer step differentiates with respect to.
+
+    Attributes:
+        kind: ``"latent"`` for a tensor that enters the trajectory once (x_T, an intermediate
+            x_t, a perturbation of it); ``"parameters"`` for anything every network call reads
+            (network weights, LoRA adapters, a prompt embedding).
+        first_call: for a latent, the index of the first network call that reads it.
+    """
+
+    kind: Literal["latent", "parameters"] = "latent"
+    first_call: int = 0
+
+    @classmethod
+    def latent(cls, first_call: int = 0) -> "Target":
+        return cls("latent", first_call)
+
+    @classmethod
+    def parameters(cls) -> "Target":
+        return cls("parameters", 0)
+
+
+@dataclass(frozen=True)
+class GradientPlan:
+    """What one trajectory does for gradients; produced by :meth:`GradientMode.plan`.
+
+    Attributes:
+        keep: ``keep[i]`` is True when network call ``i`` keeps its autograd graph.
+        checkpoint: recompute kept calls' activations in backward (activation checkpointing).
+        detach_before: detach the latent right before this call (truncated backprop), or None.
+    """
+
+    keep: tuple[bool, ...]
+    checkpoint: bool = False
+    detach_before: int | None = None
+
+    @property
+    def num_kept(self) -> int:
+        return sum(self.keep)
+
+
+class GradientMode(abc.ABC):
+    """Decides, once per optimizer step, which network calls of a trajectory keep a graph.
+
+    The solver arithmetic always stays differentiable; a network call that keeps no graph runs
+    under ``torch.no_grad()``. Subclasses implement :meth:`plan`.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _register("gradient_modes", cls)
+
+    @abc.abstractmethod
+    def plan(self, num_calls: int, target: Target, generator: torch.Generator | None = None) -> GradientPlan:
+        """The :class:`GradientPlan` of one trajectory with ``num_calls`` network calls.
+
+        Random choices (which call SDO keeps for a parameter target, the depth of a random
+        truncation) are drawn from ``generator`` so runs are reproducible and resumable.
+        """
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"

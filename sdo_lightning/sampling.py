@@ -1,0 +1,82 @@
+"""The one sampling loop of the project: solver x gradient mode x denoiser.
+
+Written out whole, in one place (paper Fig. 4-5, Eq. 18-20)::
+
+    for i, t in enumerate(timesteps):
+        with torch.set_grad_enabled(keep[i]):      # ONLY the network call
+            eps = denoiser(x, t, cond)
+        x = solver.step(eps, t, x)                 # outside: stays differentiable
+
+The solver step must stay outside the no-grad block (paper Sec. 4.3): inside it, x_0 no longer
+depends on the start latent through the skip path and the gradient is zero past step 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from sdo_lightning.contracts import GradientMode, GradientPlan, Solver, Target
+
+#: ``denoiser(x, t, cond) -> model_output``; guidance (CFG) lives inside the denoiser.
+Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
+
+
+def sample(
+    denoiser: Denoiser,
+    solver: Solver,
+    x: Tensor,
+    cond: Any = None,
+    *,
+    gradient_mode: GradientMode | None = None,
+    target: Target = Target.latent(),
+    generator: torch.Generator | None = None,
+    plan_generator: torch.Generator | None = None,
+    scheduler_config: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Run one trajectory from the start latent ``x`` and return x_0.
+
+    Args:
+        denoiser: ``denoiser(x, t, cond)`` returns the network output (epsilon, v or x_0, as the
+            scheduler config's ``prediction_type`` says), guidance included.
+        solver: the :class:`Solver`; a fresh scheduler is built for this trajectory.
+        x: the start latent: noise at the solver's first timestep (x_T, or x_t when the solver
+            has a ``start_timestep``).
+        cond: conditioning handed to ``denoiser`` unchanged.
+        gradient_mode: which calls keep their graph. None, or grad mode disabled, samples
+            without any graph (and without drawing from ``plan_generator``).
+        target: what the caller differentiates with respect to (see :class:`Target`).
+        generator: the trajectory's generator, for stochastic solvers (DDIM eta>0, LCM).
+        plan_generator: the generator of the gradient mode's random draws.
+        scheduler_config: the model's scheduler config (betas, prediction type, ...).
+        progress: show a progress bar over the network calls.
+    """
+    state = solver.begin(scheduler_config, x.device, generator)
+    timesteps = state.timesteps
+    plan: GradientPlan | None = None
+    if gradient_mode is not None and torch.is_grad_enabled():
+        plan = gradient_mode.plan(len(timesteps), target, plan_generator)
+
+    steps = enumerate(timesteps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, total=len(timesteps), desc="sampling", leave=False)
+    for i, t in steps:
+        if plan is not None and plan.detach_before == i:
+            x = x.detach()
+        model_in = solver.scale_model_input(x, t, state)
+        if plan is not None and plan.keep[i]:
+            if plan.checkpoint:
+                out = activation_checkpoint(denoiser, model_in, t, cond, use_reentrant=False)
+            else:
+                out = denoiser(model_in, t, cond)
+        else:
+            with torch.no_grad():
+                out = denoiser(model_in, t, cond)
+        x = solver.step(out, t, x, state)
+    return x
