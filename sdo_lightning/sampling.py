@@ -36,6 +36,7 @@ def sample(
     generator: torch.Generator | None = None,
     plan_generator: torch.Generator | None = None,
     scheduler_config: dict[str, Any] | None = None,
+    num_calls: int | None = None,
     progress: bool = False,
 ) -> Tensor:
     """Run one trajectory from the start latent ``x`` and return x_0.
@@ -53,10 +54,12 @@ def sample(
         generator: the trajectory's generator, for stochastic solvers (DDIM eta>0, LCM).
         plan_generator: the generator of the gradient mode's random draws.
         scheduler_config: the model's scheduler config (betas, prediction type, ...).
+        num_calls: stop after this many network calls and return the latent reached (used to
+            reach an intermediate x_t); None runs the whole trajectory to x_0.
         progress: show a progress bar over the network calls.
     """
     state = solver.begin(scheduler_config, x.device, generator)
-    timesteps = state.timesteps
+    timesteps = state.timesteps if num_calls is None else state.timesteps[:num_calls]
     plan: GradientPlan | None = None
     if gradient_mode is not None and torch.is_grad_enabled():
         plan = gradient_mode.plan(len(timesteps), target, plan_generator)

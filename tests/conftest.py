@@ -42,3 +42,35 @@ def denoiser():
 
 def as_denoiser(net):
     return lambda x, t, cond: net(x, t, cond)
+
+
+def build_tiny_digits(root, image_size: int = 8, seed: int = 0):
+    """A tiny random digits model in the layout the recipe writes: unet/, scheduler/, classifier/."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from sdo_lightning.digits import DigitClassifier
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=image_size, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, num_class_embeds=11,
+    )
+    unet.save_pretrained(root / "unet")
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False).save_pretrained(root / "scheduler")
+    DigitClassifier(image_size=image_size, channels=(4, 8), hidden=16, norm_groups=2).save_pretrained(root / "classifier")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_dir(tmp_path_factory):
+    return build_tiny_digits(tmp_path_factory.mktemp("tiny_digits"))
+
+
+@pytest.fixture
+def tiny_weights(tiny_digits_dir, monkeypatch):
+    """Point the embedded-default weights at the tiny random model."""
+    import sdo_lightning.digits as digits
+
+    monkeypatch.setattr(digits, "WEIGHTS_DIR", tiny_digits_dir)
+    return tiny_digits_dir

@@ -1,0 +1,50 @@
+"""Image grids for people to look at: PNG files and TensorBoard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def make_grid(images: Tensor, nrow: int = 8, pad: int = 2, scale: int = 1) -> Tensor:
+    """Tile ``(B, C, H, W)`` images in [0, 1] into one ``(C, H', W')`` image, white padding."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    if scale > 1:
+        images = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    b, c, h, w = images.shape
+    ncol = min(nrow, b)
+    nrows = (b + ncol - 1) // ncol
+    grid = torch.ones(c, nrows * (h + pad) + pad, ncol * (w + pad) + pad)
+    for i in range(b):
+        r, col = divmod(i, ncol)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[:, top : top + h, left : left + w] = images[i]
+    return grid
+
+
+def save_before_after(before: Tensor, after: Tensor, path: str | Path, nrow: int = 8) -> Path:
+    """Write a PNG with the ``before`` grid above the ``after`` grid, each labelled."""
+    from PIL import Image, ImageDraw
+
+    h = before.shape[-1]
+    scale = max(1, 64 // h)  # small images (digits) are enlarged so a person can see them
+    parts = [make_grid(before, nrow, scale=scale), make_grid(after, nrow, scale=scale)]
+    label_h = 14
+    width = parts[0].shape[-1]
+    canvas = Image.new("RGB", (width, sum(p.shape[1] + label_h for p in parts)), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for label, grid in zip(("before", "after"), parts):
+        draw.text((4, y + 1), label, fill="black")
+        y += label_h
+        array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        if array.shape[2] == 1:
+            array = np.repeat(array, 3, axis=2)
+        canvas.paste(Image.fromarray(array), (0, y))
+        y += grid.shape[1]
+    path = Path(path)
+    canvas.save(path)
+    return path

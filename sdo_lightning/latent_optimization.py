@@ -1,0 +1,250 @@
+"""LatentOptimization: steer single samples by optimizing what enters their sampling chain."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+from jsonargparse import lazy_instance
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import Tensor, nn
+
+from sdo_lightning.backbones import Backbone, DigitsBackbone
+from sdo_lightning.contracts import GradientMode, Objective, Solver, Target
+from sdo_lightning.gradient_modes import ShortcutGradient
+from sdo_lightning.images import save_before_after
+from sdo_lightning.sampling import sample
+from sdo_lightning.solvers import DDIM
+
+# The backbone and objective networks are frozen and in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+
+
+class LatentOptimization(LightningModule):
+    """Optimize each sample's starting latent (or conditioning) so its image lowers an objective.
+
+    Every training step samples the whole chain with the solver, keeps the autograd graph of
+    the network calls the gradient mode chooses, decodes, scores with the objective and takes
+    one optimizer step. Each sample's best image (lowest loss seen) is kept; at the end of fit
+    the before/after grid is written as ``before_after.png`` and the images as ``samples.npz``
+    (``before``, ``after``: ``(B, C, H, W)`` in [0, 1]) in the log directory.
+
+    Args:
+        objective: the per-sample loss on decoded images (lower is better).
+        backbone: the diffusion model; default: the embedded digits model.
+        solver: the sampler; default DDIM with 50 steps.
+        gradient_mode: which network calls keep their graph; default SDO.
+        target: what is optimized: ``x_T`` (the starting noise), ``x_t`` (an intermediate latent
+            reached by sampling without gradient down to ``solver.start_timestep``) or
+            ``embedding`` (each sample's conditioning embedding).
+        linf_radius: if set, optimize a perturbation of the latent bounded by this radius in
+            the L-infinity norm (projected after every optimizer step).
+        project_to_shell: after every step, rescale each latent to its initial norm (the shell
+            where Gaussian noise lives). Keeps x_T a plausible noise sample, which stops the
+            optimization from drifting into images that only fool the objective.
+        lr: learning rate of the default optimizer (Adam).
+        optimizer: an optimizer factory overriding the default (``class_path`` in YAML).
+        seed: seed of the starting noise (sample ``i`` uses ``seed * 100003 + i``) and of the
+            gradient mode's random draws.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        backbone: Backbone = lazy_instance(DigitsBackbone),
+        solver: Solver = lazy_instance(DDIM, num_inference_steps=50),
+        gradient_mode: GradientMode = lazy_instance(ShortcutGradient),
+        target: Literal["x_T", "x_t", "embedding"] = "x_T",
+        linf_radius: float | None = None,
+        project_to_shell: bool = True,
+        lr: float = 0.05,
+        optimizer: OptimizerCallable | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if target == "x_T" and solver.start_timestep is not None:
+            raise ValueError(
+                f"target 'x_T' starts from pure noise but the solver starts at t={solver.start_timestep}; "
+                "use target: x_t for an intermediate latent, or drop the solver's start_timestep."
+            )
+        if target == "x_t" and solver.start_timestep is None:
+            raise ValueError("target 'x_t' needs the solver's start_timestep (e.g. 600) to say which latent.")
+        if target == "embedding" and linf_radius is not None:
+            raise ValueError("linf_radius bounds a latent perturbation; it does not apply to target 'embedding'.")
+        self.objective = objective
+        self.backbone = backbone
+        self.solver = solver
+        self.gradient_mode = gradient_mode
+        self.target = target
+        self.linf_radius = linf_radius
+        self.project_to_shell = project_to_shell and target != "embedding"
+        self.lr = lr
+        self.optimizer_factory = optimizer
+        self.seed = seed
+        self.variable: nn.Parameter | None = None
+        self._plan_generator = torch.Generator().manual_seed(seed)
+        # Checkpoints hold the trainable state only; frozen weights are the user's files.
+        self.strict_loading = False
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _noise(self, index: Tensor) -> Tensor:
+        rows = []
+        for i in index.tolist():
+            g = torch.Generator().manual_seed(self.seed * 100003 + i)
+            rows.append(torch.randn(self.backbone.latent_shape, generator=g))
+        return torch.stack(rows)
+
+    def _trajectory_generator(self, device: torch.device | None = None) -> torch.Generator:
+        # Stochastic solvers draw the same noise every step, so the objective is a fixed function
+        # of the optimized variable.
+        return torch.Generator(device or self.device).manual_seed(self.seed + 17)
+
+    def setup(self, stage: str) -> None:
+        if self.variable is not None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "full_batch"):
+            raise ValueError("LatentOptimization needs a data module with full_batch(), such as SampleSet.")
+        # setup runs before Lightning moves the module: sample the start on the target device.
+        device = self.trainer.strategy.root_device
+        self.backbone.to(device)
+        batch = {k: v.to(device) for k, v in datamodule.full_batch().items()}
+        self._prepare(batch, device)
+
+    @torch.no_grad()
+    def _prepare(self, batch: dict[str, Tensor], device: torch.device) -> None:
+        cond = self.backbone.encode_condition(batch)
+        start = self._noise(batch["index"]).to(device)
+        if self.target == "x_t":
+            prefix_solver = copy.copy(self.solver)
+            prefix_solver.start_timestep = None
+            timesteps = prefix_solver.begin(self.backbone.scheduler_config).timesteps
+            calls = int((timesteps > self.solver.start_timestep).sum())
+            start = sample(self.backbone.denoise, prefix_solver, start, cond, num_calls=calls,
+                           generator=self._trajectory_generator(device), scheduler_config=self.backbone.scheduler_config)
+        self.register_buffer("start_latent", start)
+        self.register_buffer("start_cond", cond)
+        self.register_buffer("shell_norm", start.flatten(1).norm(dim=1))
+        if self.target == "embedding":
+            emb = self.backbone.condition_embedding(cond)
+            if emb is None:
+                raise ValueError(f"{type(self.backbone).__name__} has no conditioning embedding to optimize.")
+            self.variable = nn.Parameter(emb)
+        elif self.linf_radius is not None:
+            self.variable = nn.Parameter(torch.zeros_like(start))
+        else:
+            self.variable = nn.Parameter(start.clone())
+        images = self._generate(batch["index"], grad=False, device=device)
+        self.register_buffer("initial_images", images)
+        self.register_buffer("best_images", images.clone())
+        self.register_buffer("best_loss", torch.full((len(images),), float("inf"), device=device))
+
+    # -- the optimized quantity ---------------------------------------------------------------
+    def _inputs(self, index: Tensor) -> tuple[Tensor, Any]:
+        if self.target == "embedding":
+            return self.start_latent[index], self.variable[index]
+        if self.linf_radius is not None:
+            return self.start_latent[index] + self.variable[index], self.start_cond[index]
+        return self.variable[index], self.start_cond[index]
+
+    def _generate(self, index: Tensor, grad: bool, device: torch.device | None = None) -> Tensor:
+        x, cond = self._inputs(index)
+        target = Target.parameters() if self.target == "embedding" else Target.latent()
+        with torch.set_grad_enabled(grad):
+            x0 = sample(
+                self.backbone.denoise, self.solver, x, cond,
+                gradient_mode=self.gradient_mode, target=target,
+                generator=self._trajectory_generator(device), plan_generator=self._plan_generator,
+                scheduler_config=self.backbone.scheduler_config,
+            )
+            return self.backbone.decode(x0)
+
+    # -- training ----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        index = batch["index"]
+        images = self._generate(index, grad=True)
+        batch = {**batch, "initial_images": self.initial_images[index]}
+        losses = self.objective(images, batch)
+        if losses.shape != (len(images),):
+            raise ValueError(
+                f"{type(self.objective).__name__} returned shape {tuple(losses.shape)}; an objective must "
+                f"return one loss per sample, shape ({len(images)},)."
+            )
+        with torch.no_grad():
+            better = losses < self.best_loss[index]
+            self.best_loss[index[better]] = losses[better]
+            self.best_images[index[better]] = images[better]
+        self.log("train/loss", losses.mean(), prog_bar=True)
+        for name, value in self.objective.terms.items():
+            self.log(f"train/{name}", value.float().mean(), prog_bar=name.endswith("prob"))
+        # Sum, not mean: each sample's gradient is its own loss's gradient, whatever the batch size.
+        return losses.sum()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.variable.grad is not None:
+            self.log("train/grad_norm", self.variable.grad.norm())
+
+    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        with torch.no_grad():
+            if self.linf_radius is not None:
+                self.variable.clamp_(-self.linf_radius, self.linf_radius)
+            elif self.project_to_shell:
+                norms = self.variable.flatten(1).norm(dim=1).clamp_min(1e-12)
+                self.variable.mul_((self.shell_norm / norms).view(-1, *[1] * (self.variable.dim() - 1)))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_factory is not None:
+            return self.optimizer_factory([self.variable])
+        return torch.optim.Adam([self.variable], lr=self.lr)
+
+    # -- checkpoints: trainable state only -------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(("backbone.", "objective."))]:
+            del state[key]
+        checkpoint["plan_generator_state"] = self._plan_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "plan_generator_state" in checkpoint:
+            self._plan_generator.set_state(checkpoint["plan_generator_state"])
+
+    # -- results -----------------------------------------------------------------------------
+    def on_fit_end(self) -> None:
+        with torch.no_grad():
+            batch = {k: v.to(self.device) for k, v in self.trainer.datamodule.full_batch().items()}
+            batch["initial_images"] = self.initial_images
+            summary: dict[str, Any] = {}
+            for label, images in (("before", self.initial_images), ("after", self.best_images)):
+                loss = self.objective(images, batch)
+                summary[label] = {"loss": loss.mean().item(), **{k: v.float().mean().item() for k, v in self.objective.terms.items()}}
+            diff = (self.best_images - self.initial_images).flatten(1)
+            summary["l2_to_unoptimized"] = diff.norm(dim=1).mean().item()
+            summary["rms_to_unoptimized"] = diff.pow(2).mean(1).sqrt().mean().item()
+        self._write_results(summary)
+
+    @rank_zero_only
+    def _write_results(self, summary: dict[str, Any]) -> None:
+        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        before, after = self.initial_images.float().cpu(), self.best_images.float().cpu()
+        np.savez(log_dir / "samples.npz", before=before.numpy(), after=after.numpy())
+        png = save_before_after(before, after, log_dir / "before_after.png")
+        (log_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        experiment = getattr(self.logger, "experiment", None)
+        if hasattr(experiment, "add_images"):
+            experiment.add_images("before", before, self.global_step)
+            experiment.add_images("after", after, self.global_step)
+        lines = [f"{k}: {summary['before'][k]:.4g} -> {summary['after'][k]:.4g}" for k in summary["before"]]
+        lines.append(f"mean L2 distance to the unoptimized samples: {summary['l2_to_unoptimized']:.4g}")
+        rank_zero_info(
+            "\n".join(["", "Results (before -> after, mean over samples):", *("  " + l for l in lines),
+                       f"Logs: {log_dir}  (tensorboard --logdir {log_dir.parent})",
+                       f"Images: {png}  and  {log_dir / 'samples.npz'}"])
+        )
