@@ -191,7 +191,8 @@ class LatentOptimization(LightningModule):
         if self.variable.grad is not None:
             self.log("train/grad_norm", self.variable.grad.norm())
 
-    def on_before_zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the optimizer step: project the variable back onto its constraint set.
         with torch.no_grad():
             if self.linf_radius is not None:
                 self.variable.clamp_(-self.linf_radius, self.linf_radius)

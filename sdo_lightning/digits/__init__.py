@@ -1,0 +1,17 @@
+"""The embedded default model: a tiny class-conditional diffusion UNet and a digit classifier,
+both trained on scikit-learn's bundled digits (see :mod:`sdo_lightning.digits.train`).
+
+Shipped weights live under :data:`WEIGHTS_DIR`: ``unet/`` (diffusers ``UNet2DModel``, class labels
+0..9 plus the null class 10 for classifier-free guidance, working on images scaled to [-1, 1]),
+``scheduler/`` (diffusers ``DDPMScheduler`` config) and ``classifier/`` (:class:`DigitClassifier`,
+taking images in [0, 1]).
+"""
+
+from pathlib import Path
+
+from sdo_lightning.digits.classifier import DigitClassifier
+from sdo_lightning.digits.data import load_digits_images
+
+WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
+
+__all__ = ["DigitClassifier", "WEIGHTS_DIR", "load_digits_images"]

@@ -1,0 +1,128 @@
+"""Plugin discovery: faked entry points, the off switch, and a real third-party package."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+from sdo_lightning import registry
+from sdo_lightning.contracts import REGISTRY, Objective
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def plugin_module(tmp_path, monkeypatch):
+    (tmp_path / "fake_plugin.py").write_text(textwrap.dedent('''
+        from sdo_lightning import Objective
+
+        class FakeObjective(Objective):
+            def forward(self, images, batch):
+                return images.flatten(1).mean(1)
+
+        class NotAPlugin:
+            pass
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "fake_plugin"
+    sys.modules.pop("fake_plugin", None)
+    REGISTRY["objectives"].pop("FakeObjective", None)
+
+
+def fake_entry_points(monkeypatch, entries):
+    def entry_points(group=None):
+        return [metadata.EntryPoint(name, value, g) for g, name, value in entries if g == group]
+
+    monkeypatch.setattr(registry.metadata, "entry_points", entry_points)
+
+
+def test_discovers_entry_point_and_registers_by_class_name(plugin_module, monkeypatch):
+    fake_entry_points(monkeypatch, [("sdo_lightning.objectives", "FakeObjective", f"{plugin_module}:FakeObjective")])
+    monkeypatch.delenv(registry.DISABLE_ENV, raising=False)
+    loaded = registry.load_plugins(force=True)
+    assert [(p.kind, p.name) for p in loaded] == [("objectives", "FakeObjective")]
+    assert issubclass(REGISTRY["objectives"]["FakeObjective"], Objective)
+    table = registry.format_table(registry.registered())
+    assert "FakeObjective" in table and "fake_plugin.FakeObjective" in table
+
+
+def test_rejects_non_subclass(plugin_module, monkeypatch):
+    fake_entry_points(monkeypatch, [("sdo_lightning.solvers", "NotAPlugin", f"{plugin_module}:NotAPlugin")])
+    monkeypatch.delenv(registry.DISABLE_ENV, raising=False)
+    with pytest.raises(TypeError, match="not a subclass of sdo_lightning.Solver"):
+        registry.load_plugins(force=True)
+
+
+def test_rejects_name_that_is_not_the_class_name(plugin_module, monkeypatch):
+    fake_entry_points(monkeypatch, [("sdo_lightning.objectives", "Alias", f"{plugin_module}:FakeObjective")])
+    monkeypatch.delenv(registry.DISABLE_ENV, raising=False)
+    with pytest.raises(ValueError, match="must equal the class name"):
+        registry.load_plugins(force=True)
+
+
+def test_off_switch_skips_entry_points(plugin_module, monkeypatch):
+    fake_entry_points(monkeypatch, [("sdo_lightning.objectives", "FakeObjective", f"{plugin_module}:FakeObjective")])
+    monkeypatch.setenv(registry.DISABLE_ENV, "1")
+    assert registry.load_plugins(force=True) == []
+    assert plugin_module not in sys.modules
+    # built-ins are part of the package and stay available
+    assert {"DDIM", "DPMSolverPlusPlus", "LCMMultistep"} <= set(REGISTRY["solvers"])
+
+
+def test_builtins_are_declared_as_entry_points():
+    """The installed distribution declares every built-in the same way a third party would."""
+    declared = {(ep.group, ep.name) for group in registry.GROUPS for ep in metadata.entry_points(group=group)
+                if ep.dist is not None and ep.dist.name == registry.BUILTIN_DIST}
+    builtins = {(f"sdo_lightning.{kind}", name) for kind, classes in REGISTRY.items() for name, cls in classes.items()
+                if cls.__module__.startswith("sdo_lightning.")}
+    assert builtins <= declared
+
+
+def test_third_party_package_objective_from_yaml(tmp_path, tiny_digits_dir):
+    """Install examples/sdo-example-plugin into a target dir and run `sdo fit` with its
+    objective named by class name only, in a fresh process that finds it by entry point."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+         "--target", str(target), str(ROOT / "examples" / "sdo-example-plugin")],
+        check=True, capture_output=True,
+    )
+    config = tmp_path / "brightness.yaml"
+    config.write_text(textwrap.dedent(f"""
+        trainer:
+          max_steps: 2
+          accelerator: cpu
+          enable_checkpointing: false
+          default_root_dir: {tmp_path}
+          logger:
+            class_path: lightning.pytorch.loggers.TensorBoardLogger
+            init_args: {{save_dir: {tmp_path / 'runs'}}}
+        model:
+          class_path: LatentOptimization
+          init_args:
+            objective:
+              class_path: Brightness
+            backbone:
+              class_path: DigitsBackbone
+              init_args: {{path: {tiny_digits_dir}}}
+            solver:
+              class_path: DDIM
+              init_args: {{num_inference_steps: 3}}
+        data:
+          class_path: SampleSet
+          init_args: {{num_samples: 2}}
+    """))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
+    env.pop(registry.DISABLE_ENV, None)
+    listing = subprocess.run([sys.executable, "-m", "sdo_lightning.cli", "plugins"], env=env,
+                             capture_output=True, text=True, check=True).stdout
+    assert "Brightness" in listing and "sdo-example-plugin" in listing
+    fit = subprocess.run([sys.executable, "-m", "sdo_lightning.cli", "fit", "--config", str(config)], env=env,
+                         capture_output=True, text=True)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "brightness:" in fit.stdout + fit.stderr
+    assert list((tmp_path / "runs").rglob("before_after.png"))
