@@ -52,7 +52,7 @@ def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=argv,
+        args=None if args is None else argv,
         run=run,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},

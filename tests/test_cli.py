@@ -1,0 +1,79 @@
+"""The `sdo` command: help, print_config, every shipped config, plugins; README snippets."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdo_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_config_opens_with_run_line(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# Run: sdo fit --config configs/"), first
+    assert str(path.relative_to(ROOT)) in first
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_config_parses_and_instantiates(path, tiny_weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = main(["--config", str(path), "--trainer.logger", "false"], run=False)
+    assert cli.model is not None and cli.datamodule is not None
+
+
+def test_fit_help_shows_docstrings(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and "--trainer.max_steps" in out
+
+
+def test_print_config_has_full_class_paths(capsys, tiny_weights):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--print_config"])
+    out = capsys.readouterr().out
+    assert "sdo_lightning.latent_optimization.LatentOptimization" in out
+    assert "class_path: sdo_lightning.objectives.ClassifierObjective" in out
+    assert "class_path: sdo_lightning.gradient_modes.ShortcutGradient" in out
+    assert "class_path: sdo_lightning.backbones.DigitsBackbone" in out
+
+
+def test_gradient_mode_override_by_class_name(tiny_weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = main(["--config", str(ROOT / "configs" / "quickstart.yaml"), "--model.gradient_mode", "FullBackprop",
+                "--trainer.logger", "false"], run=False)
+    assert type(cli.model.gradient_mode).__name__ == "FullBackprop"
+
+
+def test_unknown_plugin_name_is_a_clear_error(tiny_weights, capsys):
+    with pytest.raises(SystemExit):
+        main(["--config", str(ROOT / "configs" / "quickstart.yaml"), "--model.gradient_mode", "NoSuchMode"], run=False)
+    assert "NoSuchMode" in capsys.readouterr().err
+
+
+def test_plugins_subcommand(capsys):
+    main(["plugins"])
+    out = capsys.readouterr().out
+    for name in ("ShortcutGradient", "FullBackprop", "TruncatedBackprop", "DDIM", "DPMSolverPlusPlus", "LCMMultistep",
+                 "ClassifierObjective", "L2Fidelity", "WeightedSum"):
+        assert re.search(rf"\b{name}\b", out), name
+
+
+def test_readme_python_example_runs(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    runnable = [b for b in blocks if "import" in b]
+    assert runnable
+    for block in runnable:
+        result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
