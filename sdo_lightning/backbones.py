@@ -25,6 +25,13 @@ class Backbone(nn.Module, abc.ABC):
 
     scheduler_config: dict[str, Any]
     latent_shape: tuple[int, int, int]
+    #: layer names LoRA adapts by default (peft ``target_modules``)
+    lora_target_modules: list[str] = ["to_q", "to_k", "to_v", "to_out.0"]
+
+    @property
+    @abc.abstractmethod
+    def network(self) -> nn.Module:
+        """The denoising network (UNet or transformer) that fine-tuning adapts."""
 
     @abc.abstractmethod
     def encode_condition(self, batch: dict[str, Any]) -> Any:
@@ -46,6 +53,12 @@ class Backbone(nn.Module, abc.ABC):
     @abc.abstractmethod
     def encode(self, images: Tensor) -> Tensor:
         """Latents from images in ``[0, 1]`` (for inversion of real images)."""
+
+    def save_lora(self, directory: str | Path) -> Path:
+        """Write the network's LoRA adapter; peft's layout unless a backbone has a better one."""
+        from sdo_lightning.lora import save_adapter
+
+        return save_adapter(self.network, directory)
 
 
 class _LookupOrPass(nn.Embedding):
@@ -74,6 +87,7 @@ class DigitsBackbone(Backbone):
     """
 
     NULL_CLASS = 10
+    lora_target_modules = ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"]
 
     def __init__(self, path: str | None = None, guidance_scale: float = 1.0) -> None:
         super().__init__()
@@ -99,6 +113,10 @@ class DigitsBackbone(Backbone):
         cfg = self.unet.config
         self.latent_shape = (cfg.in_channels, cfg.sample_size, cfg.sample_size)
         self.guidance_scale = guidance_scale
+
+    @property
+    def network(self) -> nn.Module:
+        return self.unet
 
     def encode_condition(self, batch: dict[str, Any]) -> Tensor:
         labels = batch.get("class_label")

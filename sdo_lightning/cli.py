@@ -37,6 +37,7 @@ def _import_modules() -> None:
     # Importing registers the LightningModules and data modules for short class names in YAML.
     import sdo_lightning.data  # noqa: F401
     import sdo_lightning.latent_optimization  # noqa: F401
+    import sdo_lightning.reward_finetuning  # noqa: F401
 
 
 def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:

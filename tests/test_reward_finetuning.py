@@ -1,0 +1,99 @@
+"""RewardFineTuning with LoRA on a tiny random digits model."""
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from safetensors.torch import load_file
+from torch import nn
+
+from sdo_lightning import Objective, lora
+from sdo_lightning.backbones import DigitsBackbone
+from sdo_lightning.data import SampleSet
+from sdo_lightning.gradient_modes import FullBackprop, ShortcutGradient, TruncatedBackprop
+from sdo_lightning.reward_finetuning import RewardFineTuning
+from sdo_lightning.solvers import DDIM
+
+
+class Darkness(Objective):
+    def forward(self, images, batch):
+        return images.flatten(1).mean(1)
+
+
+def fit(module, tmp_path, steps=2, **trainer_kw):
+    trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, **trainer_kw)
+    trainer.fit(module, datamodule=SampleSet(num_samples=3))
+    return trainer
+
+
+def make(tiny_digits_dir, **kw):
+    kw.setdefault("solver", DDIM(4))
+    return RewardFineTuning(objective=Darkness(), backbone=DigitsBackbone(tiny_digits_dir), lr=0.05, **kw)
+
+
+@pytest.mark.parametrize("mode", [ShortcutGradient(), TruncatedBackprop(k=2), TruncatedBackprop(random_k=True),
+                                  TruncatedBackprop(k=1), FullBackprop(checkpoint=True)],
+                         ids=["sdo", "alignprop_k2", "alignprop_uniform", "alignprop_1", "full_ckpt"])
+def test_only_adapters_train_with_every_mode(mode, tiny_digits_dir, tmp_path):
+    module = make(tiny_digits_dir, gradient_mode=mode)
+    base = {k: v.clone() for k, v in module.backbone.network.state_dict().items() if "lora_" not in k}
+    adapters = [p.detach().clone() for p in module.lora_params]
+    fit(module, tmp_path, enable_checkpointing=False)
+    after = module.backbone.network.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+    assert any(not torch.equal(a, p) for a, p in zip(adapters, module.lora_params))
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_exported_adapter_round_trip(tiny_digits_dir, tmp_path):
+    module = make(tiny_digits_dir)
+    trainer = fit(module, tmp_path, steps=2)
+    out_dir = tmp_path / "lora"  # no logger: the default root dir
+    assert (out_dir / lora.WEIGHTS_NAME).is_file()
+    fresh = DigitsBackbone(tiny_digits_dir)
+    lora.load_adapter(fresh.network, out_dir, "default")
+    x = torch.randn(2, 1, 8, 8)
+    t = torch.tensor(500)
+    cond = torch.tensor([10, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.denoise(x, t, cond), module.backbone.denoise(x, t, cond))
+        plain = DigitsBackbone(tiny_digits_dir).denoise(x, t, cond)
+    assert (plain - fresh.denoise(x, t, cond)).abs().max() > 1e-6  # the adapter changes the output
+    ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+
+
+def test_mixing_adapters_is_theta_plus_scaled_deltas(tmp_path):
+    """theta + a*A + b*B on a linear layer, checked against the matrices read from the files."""
+    torch.manual_seed(0)
+    base_state = nn.Sequential(nn.Linear(5, 3)).state_dict()
+    for name in ("a", "b"):
+        net = nn.Sequential(nn.Linear(5, 3))
+        net.load_state_dict(base_state)
+        lora.add_lora(net, rank=2, alpha=4, target_modules=["0"])
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if "lora_" in n:
+                    p.normal_()
+        lora.save_adapter(net, tmp_path / name)
+    base = nn.Sequential(nn.Linear(5, 3))
+    base.load_state_dict(base_state)
+    w, bias = base_state["0.weight"], base_state["0.bias"]
+    lora.load_adapter(base, tmp_path / "a", "a")
+    lora.load_adapter(base, tmp_path / "b", "b")
+    lora.set_adapter_scales(base, {"a": 0.5, "b": -1.5})
+    x = torch.randn(4, 5)
+    expected = x @ w.T + bias
+    for name, scale in (("a", 0.5), ("b", -1.5)):
+        sd = load_file(str(tmp_path / name / lora.WEIGHTS_NAME))
+        A = next(v for k, v in sd.items() if "lora_A" in k)
+        B = next(v for k, v in sd.items() if "lora_B" in k)
+        expected = expected + scale * (4 / 2) * x @ A.T @ B.T
+    with torch.no_grad():
+        torch.testing.assert_close(base(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_lora_targets_name_the_choices(tiny_digits_dir):
+    with pytest.raises(ValueError, match="match no layer"):
+        RewardFineTuning(objective=Darkness(), backbone=DigitsBackbone(tiny_digits_dir), lora_target_modules=["nope"])
