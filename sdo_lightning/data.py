@@ -46,6 +46,8 @@ class SampleSet(LightningDataModule):
             samples, or None for unconditional samples (the null class).
         target: target class per sample, for objectives that read ``batch["target"]``: one
             class, a list cycled over the samples, or None.
+        prompt: text prompt per sample for text-conditioned backbones: one prompt for all, a
+            list cycled over the samples, or None.
         null_class: the label that means "no class".
     """
 
@@ -54,6 +56,7 @@ class SampleSet(LightningDataModule):
         num_samples: int = 16,
         class_label: int | list[int] | None = None,
         target: int | list[int] | None = None,
+        prompt: str | list[str] | None = None,
         null_class: int = 10,
     ) -> None:
         super().__init__()
@@ -66,11 +69,14 @@ class SampleSet(LightningDataModule):
         }
         if target is not None:
             columns["target"] = _per_sample(target, num_samples, null_class)
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            columns["prompt"] = [prompts[i % len(prompts)] for i in range(num_samples)]
         self.dataset = _Samples(columns)
 
-    def full_batch(self) -> dict[str, torch.Tensor]:
-        """All samples as one batch (what every training step sees)."""
-        return dict(self.dataset.columns)
+    def full_batch(self, device: torch.device | str | None = None) -> dict[str, Any]:
+        """All samples as one batch (what every training step sees), tensors on ``device``."""
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.dataset.columns.items()}
 
     def train_dataloader(self) -> DataLoader:
         # One batch per optimizer step, all in one epoch, so the progress bar counts steps.

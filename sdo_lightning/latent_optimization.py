@@ -115,8 +115,7 @@ class LatentOptimization(LightningModule):
         # setup runs before Lightning moves the module: sample the start on the target device.
         device = self.trainer.strategy.root_device
         self.backbone.to(device)
-        batch = {k: v.to(device) for k, v in datamodule.full_batch().items()}
-        self._prepare(batch, device)
+        self._prepare(datamodule.full_batch(device), device)
 
     @torch.no_grad()
     def _prepare(self, batch: dict[str, Tensor], device: torch.device) -> None:
@@ -130,7 +129,10 @@ class LatentOptimization(LightningModule):
             start = sample(self.backbone.denoise, prefix_solver, start, cond, num_calls=calls,
                            generator=self._trajectory_generator(device), scheduler_config=self.backbone.scheduler_config)
         self.register_buffer("start_latent", start)
-        self.register_buffer("start_cond", cond)
+        if isinstance(cond, Tensor):
+            self.register_buffer("start_cond", cond)
+        else:  # e.g. TextCondition: not a tensor, kept as it is
+            self.start_cond = cond
         self.register_buffer("shell_norm", start.flatten(1).norm(dim=1))
         if self.target == "embedding":
             emb = self.backbone.condition_embedding(cond)
@@ -149,7 +151,7 @@ class LatentOptimization(LightningModule):
     # -- the optimized quantity ---------------------------------------------------------------
     def _inputs(self, index: Tensor) -> tuple[Tensor, Any]:
         if self.target == "embedding":
-            return self.start_latent[index], self.variable[index]
+            return self.start_latent[index], self.backbone.with_embedding(self.start_cond[index], self.variable[index])
         if self.linf_radius is not None:
             return self.start_latent[index] + self.variable[index], self.start_cond[index]
         return self.variable[index], self.start_cond[index]
@@ -219,7 +221,7 @@ class LatentOptimization(LightningModule):
     # -- results -----------------------------------------------------------------------------
     def on_fit_end(self) -> None:
         with torch.no_grad():
-            batch = {k: v.to(self.device) for k, v in self.trainer.datamodule.full_batch().items()}
+            batch = self.trainer.datamodule.full_batch(self.device)
             batch["initial_images"] = self.initial_images
             summary: dict[str, Any] = {}
             for label, images in (("before", self.initial_images), ("after", self.best_images)):
