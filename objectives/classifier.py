@@ -24,9 +24,20 @@ class ClassifierObjective(Objective):
             shipped with the embedded digits model.
         target_class: the class to reach; None to read it from the batch.
         untargeted: move away from the unoptimized sample's class instead.
+        augment: average the log-probability over this many randomly shifted, noised copies of
+            each image (0 = off). Features that survive a one-pixel shift and pixel noise are
+            stroke shapes, not the pixel-exact patterns that fool a single classifier pass.
+        noise_std: standard deviation of the pixel noise of the augmented copies.
     """
 
-    def __init__(self, path: str | None = None, target_class: int | None = None, untargeted: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        target_class: int | None = None,
+        untargeted: bool = False,
+        augment: int = 0,
+        noise_std: float = 0.1,
+    ) -> None:
         super().__init__()
         from sdo_lightning.digits import WEIGHTS_DIR, DigitClassifier
 
@@ -34,9 +45,22 @@ class ClassifierObjective(Objective):
         self.classifier.eval().requires_grad_(False)
         self.target_class = target_class
         self.untargeted = untargeted
+        self.augment = augment
+        self.noise_std = noise_std
+
+    def _log_probs(self, images: Tensor) -> Tensor:
+        if not self.augment:
+            return F.log_softmax(self.classifier(images), dim=-1)
+        copies = []
+        for _ in range(self.augment):
+            dx, dy = torch.randint(-1, 2, (2,)).tolist()
+            shifted = torch.roll(images, shifts=(dy, dx), dims=(-2, -1))
+            copies.append(shifted + self.noise_std * torch.randn_like(images))
+        log_probs = F.log_softmax(self.classifier(torch.cat(copies)), dim=-1)
+        return log_probs.view(self.augment, len(images), -1).mean(0)
 
     def forward(self, images: Tensor, batch: dict[str, Any]) -> Tensor:
-        log_probs = F.log_softmax(self.classifier(images), dim=-1)
+        log_probs = self._log_probs(images)
         if self.untargeted:
             if "initial_images" not in batch:
                 raise KeyError("untargeted ClassifierObjective needs batch['initial_images'] (the unoptimized samples).")
