@@ -131,7 +131,7 @@ def build_unet(args):
         layers_per_block=args.unet_layers_per_block,
         norm_num_groups=args.unet_norm_groups,
         attention_head_dim=8,
-        add_attention=args.unet_mid_attention,
+        add_attention=bool(args.unet_mid_attention),
         num_class_embeds=NUM_CLASSES + 1,
         dropout=0.0,
     )
@@ -224,8 +224,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=16, help="image resolution (8 = native digits)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps runs reproducible)")
-    p.add_argument("--steps", "--unet-steps", dest="unet_steps", type=int, default=4000)
-    p.add_argument("--unet-batch", type=int, default=128)
+    p.add_argument("--steps", "--unet-steps", dest="unet_steps", type=int, default=3500)
+    p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=2e-3)
     p.add_argument("--unet-warmup", type=int, default=200)
     p.add_argument("--unet-channels", type=int, nargs="+", default=[16, 32, 64])
@@ -235,10 +235,10 @@ def parse_args(argv=None):
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--cfg-dropout", type=float, default=0.2, help="fraction of labels replaced by the null class")
     p.add_argument("--min-snr-gamma", type=float, default=5.0)
-    p.add_argument("--clf-steps", type=int, default=1500)
+    p.add_argument("--clf-steps", type=int, default=800)
     p.add_argument("--clf-batch", type=int, default=128)
     p.add_argument("--clf-lr", type=float, default=2e-3)
-    p.add_argument("--clf-channels", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--clf-channels", type=int, nargs="+", default=[16, 32])
     p.add_argument("--clf-hidden", type=int, default=128)
     p.add_argument("--clf-val", type=int, default=180, help="digits held out to report classifier accuracy")
     p.add_argument("--clf-noise-weight", type=float, default=0.5)
