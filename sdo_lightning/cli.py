@@ -3,6 +3,7 @@
     sdo fit --config configs/quickstart.yaml      # optimize (LightningCLI's fit)
     sdo fit --help / --print_config               # every option, from the docstrings
     sdo plugins                                   # registered objectives, solvers, gradient modes
+    sdo mix --adapters DIR [DIR ...] --scales 0 0.5 1   # sample with LoRA adapters at several scales
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
     if argv[:1] == ["plugins"]:
         registry.load_plugins()
         print(registry.format_table(registry.registered()))
+        return None
+    if argv[:1] == ["mix"]:
+        from sdo_lightning.mix import mix
+
+        mix(argv[1:])
         return None
     registry.load_plugins()
     _import_modules()

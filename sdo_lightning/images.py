@@ -25,19 +25,19 @@ def make_grid(images: Tensor, nrow: int = 8, pad: int = 2, scale: int = 1) -> Te
     return grid
 
 
-def save_before_after(before: Tensor, after: Tensor, path: str | Path, nrow: int = 8) -> Path:
-    """Write a PNG with the ``before`` grid above the ``after`` grid, each labelled."""
+def save_labelled_rows(rows: list[tuple[str, Tensor]], path: str | Path, nrow: int = 8) -> Path:
+    """Write a PNG with one labelled grid per ``(label, images)`` entry, top to bottom."""
     from PIL import Image, ImageDraw
 
-    h = before.shape[-1]
+    h = rows[0][1].shape[-1]
     scale = max(1, 64 // h)  # small images (digits) are enlarged so a person can see them
-    parts = [make_grid(before, nrow, scale=scale), make_grid(after, nrow, scale=scale)]
+    grids = [(label, make_grid(images, nrow, scale=scale)) for label, images in rows]
     label_h = 14
-    width = parts[0].shape[-1]
-    canvas = Image.new("RGB", (width, sum(p.shape[1] + label_h for p in parts)), "white")
+    width = max(g.shape[-1] for _, g in grids)
+    canvas = Image.new("RGB", (width, sum(g.shape[1] + label_h for _, g in grids)), "white")
     draw = ImageDraw.Draw(canvas)
     y = 0
-    for label, grid in zip(("before", "after"), parts):
+    for label, grid in grids:
         draw.text((4, y + 1), label, fill="black")
         y += label_h
         array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
@@ -48,3 +48,8 @@ def save_before_after(before: Tensor, after: Tensor, path: str | Path, nrow: int
     path = Path(path)
     canvas.save(path)
     return path
+
+
+def save_before_after(before: Tensor, after: Tensor, path: str | Path, nrow: int = 8) -> Path:
+    """Write a PNG with the ``before`` grid above the ``after`` grid, each labelled."""
+    return save_labelled_rows([("before", before), ("after", after)], path, nrow)

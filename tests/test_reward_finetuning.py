@@ -97,3 +97,35 @@ def test_mixing_adapters_is_theta_plus_scaled_deltas(tmp_path):
 def test_unknown_lora_targets_name_the_choices(tiny_digits_dir):
     with pytest.raises(ValueError, match="match no layer"):
         RewardFineTuning(objective=Darkness(), backbone=DigitsBackbone(tiny_digits_dir), lora_target_modules=["nope"])
+
+
+def test_sdo_mix_writes_a_grid_whose_zero_row_is_the_base_model(tiny_digits_dir, tmp_path):
+    from sdo_lightning.cli import main
+    from sdo_lightning.sampling import sample
+
+    net = DigitsBackbone(tiny_digits_dir)
+    lora.add_lora(net.network, rank=2, alpha=2, target_modules=["conv1", "conv2"])
+    with torch.no_grad():
+        for n, p in net.network.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+    lora.save_adapter(net.network, tmp_path / "a")
+    out = tmp_path / "mix.png"
+    main(["mix", "--adapters", str(tmp_path / "a"), "--digits", str(tiny_digits_dir), "--scales", "0", "1",
+          "--num-samples", "2", "--steps", "3", "--out", str(out)])
+    from PIL import Image
+
+    assert Image.open(out).size[1] > 2 * 8
+    # scale 0 is the base model: compare with plain sampling of an adapter-free backbone
+    base = DigitsBackbone(tiny_digits_dir)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = torch.full((2,), 10)
+    with torch.no_grad():
+        lora.load_adapter(net.network, tmp_path / "a", "b")
+        lora.set_adapter_scales(net.network, {"b": 0.0})
+        zero = sample(net.denoise, DDIM(3), x, cond, scheduler_config=net.scheduler_config)
+        plain = sample(base.denoise, DDIM(3), x, cond, scheduler_config=base.scheduler_config)
+        lora.set_adapter_scales(net.network, {"b": 1.0})
+        one = sample(net.denoise, DDIM(3), x, cond, scheduler_config=net.scheduler_config)
+    torch.testing.assert_close(zero, plain)
+    assert (one - plain).abs().max() > 1e-4
