@@ -19,6 +19,23 @@ def _per_sample(value: int | list[int] | None, n: int, fill: int) -> torch.Tenso
     return torch.tensor([value[i % len(value)] for i in range(n)], dtype=torch.long)
 
 
+def _load_images(source: str, n: int) -> torch.Tensor:
+    if source == "digits":
+        from sdo_lightning.digits import load_digits_images
+
+        images = load_digits_images(16)[0]
+    else:
+        import numpy as np
+
+        try:
+            images = torch.from_numpy(np.load(source)["images"]).float()
+        except (OSError, KeyError) as err:
+            raise FileNotFoundError(f"images={source!r}: expected 'digits' or a .npz file with an 'images' array.") from err
+    if len(images) < n:
+        raise ValueError(f"images={source!r} holds {len(images)} images, fewer than num_samples={n}.")
+    return images[:n]
+
+
 class _Samples(Dataset):
     """The sample set repeated ``repeats`` times, so one epoch holds every optimizer step."""
 
@@ -48,6 +65,9 @@ class SampleSet(LightningDataModule):
             class, a list cycled over the samples, or None.
         prompt: text prompt per sample for text-conditioned backbones: one prompt for all, a
             list cycled over the samples, or None.
+        images: real images to start from (``LatentOptimization(invert_images=True)`` inverts
+            them with DDIM): ``digits`` for the bundled real digits (the first ``num_samples``,
+            16x16), or a ``.npz`` file with an ``images`` array ``(N, C, H, W)`` in [0, 1].
         null_class: the label that means "no class".
     """
 
@@ -57,6 +77,7 @@ class SampleSet(LightningDataModule):
         class_label: int | list[int] | None = None,
         target: int | list[int] | None = None,
         prompt: str | list[str] | None = None,
+        images: str | None = None,
         null_class: int = 10,
     ) -> None:
         super().__init__()
@@ -72,6 +93,8 @@ class SampleSet(LightningDataModule):
         if prompt is not None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             columns["prompt"] = [prompts[i % len(prompts)] for i in range(num_samples)]
+        if images is not None:
+            columns["image"] = _load_images(images, num_samples)
         self.dataset = _Samples(columns)
 
     def full_batch(self, device: torch.device | str | None = None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from sdo_lightning.backbones import Backbone, DigitsBackbone
 from sdo_lightning.contracts import GradientMode, Objective, Solver, Target
 from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.images import save_before_after
-from sdo_lightning.sampling import sample
+from sdo_lightning.sampling import ddim_invert, sample
 from sdo_lightning.solvers import DDIM
 
 # The backbone and objective networks are frozen and in eval mode on purpose.
@@ -46,6 +46,8 @@ class LatentOptimization(LightningModule):
             ``embedding`` (each sample's conditioning embedding).
         linf_radius: if set, optimize a perturbation of the latent bounded by this radius in
             the L-infinity norm (projected after every optimizer step).
+        invert_images: for target ``x_t``: reach x_t by DDIM inversion of the data module's real
+            images (``batch["image"]``) instead of by sampling from noise.
         project_to_shell: after every step, rescale each latent to its initial norm (the shell
             where Gaussian noise lives). Keeps x_T a plausible noise sample, which stops the
             optimization from drifting into images that only fool the objective.
@@ -63,6 +65,7 @@ class LatentOptimization(LightningModule):
         gradient_mode: GradientMode = lazy_instance(ShortcutGradient),
         target: Literal["x_T", "x_t", "embedding"] = "x_T",
         linf_radius: float | None = None,
+        invert_images: bool = False,
         project_to_shell: bool = True,
         lr: float = 0.05,
         optimizer: OptimizerCallable | None = None,
@@ -76,6 +79,8 @@ class LatentOptimization(LightningModule):
             )
         if target == "x_t" and solver.start_timestep is None:
             raise ValueError("target 'x_t' needs the solver's start_timestep (e.g. 600) to say which latent.")
+        if invert_images and target != "x_t":
+            raise ValueError("invert_images inverts real images to an intermediate latent: use it with target 'x_t'.")
         if target == "embedding" and linf_radius is not None:
             raise ValueError("linf_radius bounds a latent perturbation; it does not apply to target 'embedding'.")
         self.objective = objective
@@ -84,6 +89,7 @@ class LatentOptimization(LightningModule):
         self.gradient_mode = gradient_mode
         self.target = target
         self.linf_radius = linf_radius
+        self.invert_images = invert_images
         self.project_to_shell = project_to_shell and target != "embedding"
         self.lr = lr
         self.optimizer_factory = optimizer
@@ -121,7 +127,12 @@ class LatentOptimization(LightningModule):
     def _prepare(self, batch: dict[str, Tensor], device: torch.device) -> None:
         cond = self.backbone.encode_condition(batch)
         start = self._noise(batch["index"]).to(device)
-        if self.target == "x_t":
+        if self.invert_images:
+            if "image" not in batch:
+                raise KeyError("invert_images needs real images in the batch: give the data module images (e.g. SampleSet(images='digits')).")
+            start = ddim_invert(self.backbone.denoise, self.backbone.encode(batch["image"].to(device)), cond,
+                                self.solver, self.backbone.scheduler_config)
+        elif self.target == "x_t":
             prefix_solver = copy.copy(self.solver)
             prefix_solver.start_timestep = None
             timesteps = prefix_solver.begin(self.backbone.scheduler_config).timesteps

@@ -149,3 +149,18 @@ def test_fit_writes_png_npz_and_logs(tiny_digits_dir, tmp_path):
     events = EventAccumulator(str(log_dir), size_guidance={"images": 0}).Reload()
     assert {"train/loss", "train/grad_norm"} <= set(events.Tags()["scalars"])
     assert {"before", "after"} <= set(events.Tags()["images"])
+
+
+def test_x_t_by_inversion_of_real_images_reconstructs_them(tmp_path):
+    """On the shipped digits model, inverting real digits to t=600 and sampling back without
+    optimization returns images close to the originals."""
+    from sdo_lightning.digits import load_digits_images
+
+    module = LatentOptimization(objective=WeightedBrightness([1.0] * 4), solver=DDIM(50, start_timestep=600),
+                                target="x_t", invert_images=True, project_to_shell=False)
+    fit(module, SampleSet(num_samples=4, images="digits"), tmp_path, steps=1)
+    real = load_digits_images(16)[0][:4]
+    rms = (module.initial_images - real).pow(2).mean().sqrt().item()
+    noise_rms = (module.start_latent - module.backbone.encode(real)).pow(2).mean().sqrt().item()
+    assert noise_rms > 0.3  # x_t is really noisy
+    assert rms < 0.1
