@@ -20,7 +20,9 @@ REGISTRY: dict[str, dict[str, type]] = {"objectives": {}, "solvers": {}, "gradie
 
 
 def _register(kind: str, cls: type) -> None:
-    if inspect.isabstract(cls) or cls.__name__.startswith("_"):
+    # Abstract helpers, private classes and jsonargparse's lazy_instance subclasses
+    # (LazyInstance_<Name>, defaults of constructor arguments) are not plugins.
+    if inspect.isabstract(cls) or cls.__name__.startswith(("_", "LazyInstance_")):
         return
     known = REGISTRY[kind].get(cls.__name__)
     if known is not None and known is not cls and known.__module__ != cls.__module__:
