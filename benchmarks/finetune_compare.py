@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
@@ -89,7 +90,8 @@ def main(argv=None):
                                   solver=DDIM(20), gradient_mode=MODES[name](), lr=3e-3, seed=args.seed)
         rec = Recorder()
         Trainer(max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                enable_progress_bar=False, enable_model_summary=False, callbacks=[rec]).fit(
+                enable_progress_bar=False, enable_model_summary=False, callbacks=[rec],
+                default_root_dir=tempfile.mkdtemp()).fit(
             module, datamodule=SampleSet(num_samples=8))
         with torch.no_grad():
             images = []
