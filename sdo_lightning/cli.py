@@ -67,5 +67,10 @@ def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
     )
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """Entry point of the ``sdo`` console script (returns nothing, so nothing is printed)."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()
