@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -20,14 +18,12 @@ from sdo_lightning.backbones import Backbone, DigitsBackbone
 from sdo_lightning.contracts import GradientMode, Objective, Solver, Target
 from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.images import save_before_after
+from sdo_lightning.module_base import OptimizationModule
 from sdo_lightning.sampling import ddim_invert, sample
 from sdo_lightning.solvers import DDIM
 
-# The backbone and objective networks are frozen and in eval mode on purpose.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
-
-class LatentOptimization(LightningModule):
+class LatentOptimization(OptimizationModule):
     """Optimize each sample's starting latent (or conditioning) so its image lowers an objective.
 
     Every training step samples the whole chain with the solver, keeps the autograd graph of
@@ -71,7 +67,7 @@ class LatentOptimization(LightningModule):
         optimizer: OptimizerCallable | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(seed)
         if target == "x_T" and solver.start_timestep is not None:
             raise ValueError(
                 f"target 'x_T' starts from pure noise but the solver starts at t={solver.start_timestep}; "
@@ -95,9 +91,6 @@ class LatentOptimization(LightningModule):
         self.optimizer_factory = optimizer
         self.seed = seed
         self.variable: nn.Parameter | None = None
-        self._plan_generator = torch.Generator().manual_seed(seed)
-        # Checkpoints hold the trainable state only; frozen weights are the user's files.
-        self.strict_loading = False
 
     # -- set-up -----------------------------------------------------------------------------
     def _noise(self, index: Tensor) -> Tensor:
@@ -194,9 +187,7 @@ class LatentOptimization(LightningModule):
             better = losses < self.best_loss[index]
             self.best_loss[index[better]] = losses[better]
             self.best_images[index[better]] = images[better]
-        self.log("train/loss", losses.mean(), prog_bar=True)
-        for name, value in self.objective.terms.items():
-            self.log(f"train/{name}", value.float().mean(), prog_bar=name.endswith("prob"))
+        self.log_terms(losses, self.objective)
         # Sum, not mean: each sample's gradient is its own loss's gradient, whatever the batch size.
         return losses.sum()
 
@@ -218,16 +209,8 @@ class LatentOptimization(LightningModule):
             return self.optimizer_factory([self.variable])
         return torch.optim.Adam([self.variable], lr=self.lr)
 
-    # -- checkpoints: trainable state only -------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(("backbone.", "objective."))]:
-            del state[key]
-        checkpoint["plan_generator_state"] = self._plan_generator.get_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "plan_generator_state" in checkpoint:
-            self._plan_generator.set_state(checkpoint["plan_generator_state"])
+    def is_trainable_key(self, key: str) -> bool:
+        return not key.startswith(("backbone.", "objective."))
 
     # -- results -----------------------------------------------------------------------------
     def on_fit_end(self) -> None:

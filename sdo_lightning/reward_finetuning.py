@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from jsonargparse import lazy_instance
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
@@ -19,13 +17,12 @@ from sdo_lightning.contracts import GradientMode, Objective, Target
 from sdo_lightning.contracts import Solver
 from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.images import make_grid
+from sdo_lightning.module_base import OptimizationModule
 from sdo_lightning.sampling import sample
 from sdo_lightning.solvers import DDIM
 
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
-
-class RewardFineTuning(LightningModule):
+class RewardFineTuning(OptimizationModule):
     """Fine-tune LoRA adapters on the denoiser so its samples lower an objective (raise a reward).
 
     Each training step draws fresh starting noise for every sample of the batch, samples through
@@ -68,7 +65,7 @@ class RewardFineTuning(LightningModule):
         held_out_objective: Objective | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(seed)
         self.objective = objective
         self.backbone = backbone
         self.solver = solver
@@ -81,8 +78,6 @@ class RewardFineTuning(LightningModule):
         self.seed = seed
         targets = lora_target_modules or backbone.lora_target_modules
         self.lora_params = lora.add_lora(backbone.network, lora_rank, lora_alpha or lora_rank, targets)
-        self._plan_generator = torch.Generator().manual_seed(seed)
-        self.strict_loading = False  # checkpoints hold the adapters only
 
     # -- precision: adapters stay fp32 whatever the Trainer does to the base weights ------------
     def on_fit_start(self) -> None:
@@ -111,10 +106,8 @@ class RewardFineTuning(LightningModule):
         images = self.generate(batch, grad=True)
         losses = self.objective(images, batch)
         loss = losses.mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_terms(losses, self.objective)
         self.log("train/reward", -loss)
-        for name, value in self.objective.terms.items():
-            self.log(f"train/{name}", value.float().mean(), prog_bar=name.endswith("prob"))
         if self.adapter_l2:
             penalty = sum(p.float().pow(2).sum() for p in self.lora_params)
             self.log("train/adapter_l2", penalty)
@@ -142,16 +135,12 @@ class RewardFineTuning(LightningModule):
         return torch.optim.AdamW(self.lora_params, lr=self.lr, weight_decay=self.weight_decay)
 
     # -- checkpoints and export: adapters only --------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if "lora_" not in k]:
-            del state[key]
-        checkpoint["plan_generator_state"] = self._plan_generator.get_state()
-        self.export_adapter()
+    def is_trainable_key(self, key: str) -> bool:
+        return "lora_" in key
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "plan_generator_state" in checkpoint:
-            self._plan_generator.set_state(checkpoint["plan_generator_state"])
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        self.export_adapter()
 
     def on_fit_end(self) -> None:
         path = self.export_adapter()
