@@ -46,6 +46,8 @@ class RewardFineTuning(OptimizationModule):
             near the base one (a control against reward hacking).
         held_out_objective: an objective not optimized, only logged (``train/held_out``), to
             see reward hacking: a trained reward that rises while this one falls.
+        fold_adapters: run the network calls that keep no graph with the adapters folded into
+            copies of the base weights (same outputs, no per-call LoRA overhead).
         seed: seed of the starting noise and of the gradient mode's draws.
     """
 
@@ -63,6 +65,7 @@ class RewardFineTuning(OptimizationModule):
         optimizer: OptimizerCallable | None = None,
         adapter_l2: float = 0.0,
         held_out_objective: Objective | None = None,
+        fold_adapters: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__(seed)
@@ -78,6 +81,7 @@ class RewardFineTuning(OptimizationModule):
         self.seed = seed
         targets = lora_target_modules or backbone.lora_target_modules
         self.lora_params = lora.add_lora(backbone.network, lora_rank, lora_alpha or lora_rank, targets)
+        self._folding = lora.AdapterFolding(backbone.network) if fold_adapters else None
 
     # -- precision: adapters stay fp32 whatever the Trainer does to the base weights ------------
     def on_fit_start(self) -> None:
@@ -89,13 +93,29 @@ class RewardFineTuning(OptimizationModule):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.global_step * 1009 + self.global_rank)
         return torch.randn(n, *self.backbone.latent_shape, generator=g).to(self.device)
 
+    def _denoise(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        # Calls that keep no graph run under no_grad (see sample()): fold the adapters for them.
+        self._folding.fold(not torch.is_grad_enabled())
+        return self.backbone.denoise(x, t, cond)
+
     def generate(self, batch: dict[str, Tensor], grad: bool) -> Tensor:
         """Images for ``batch`` from fresh noise; differentiable in the adapters when ``grad``."""
         cond = self.backbone.encode_condition(batch)
         x = self._noise(len(batch["index"]))
+        denoiser = self.backbone.denoise
+        if self._folding is not None:
+            self._folding.refresh()  # the adapters changed at the last optimizer step
+            denoiser = self._denoise
+        try:
+            return self._sample(denoiser, x, cond, grad)
+        finally:
+            if self._folding is not None:
+                self._folding.fold(False)
+
+    def _sample(self, denoiser: Any, x: Tensor, cond: Any, grad: bool) -> Tensor:
         with torch.set_grad_enabled(grad):
             x0 = sample(
-                self.backbone.denoise, self.solver, x, cond,
+                denoiser, self.solver, x, cond,
                 gradient_mode=self.gradient_mode, target=Target.parameters(),
                 generator=torch.Generator(self.device).manual_seed(self.seed + self.global_step),
                 plan_generator=self._plan_generator, scheduler_config=self.backbone.scheduler_config,
