@@ -1,0 +1,153 @@
+"""Gradient diagnostics: how far the training gradient is from the exact one, and how the
+gradient norm grows with backpropagation depth (paper Fig. 11a)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+
+from sdo_lightning.contracts import GradientMode, GradientPlan, Target
+from sdo_lightning.gradient_modes import FullBackprop, TruncatedBackprop
+
+
+class _FirstCalls(GradientMode):
+    """Keep the graph of the first ``depth`` calls that read the latent; detach nothing.
+
+    Private (leading underscore): not registered as a plugin. ``depth=1`` is SDO for a latent,
+    ``depth=N`` is full backpropagation; in between the gradient also reaches the latent through
+    the later calls' skip paths, as in SDO.
+    """
+
+    def __init__(self, depth: int, checkpoint: bool = True) -> None:
+        self.depth = depth
+        self.checkpoint = checkpoint
+
+    def plan(self, num_calls: int, target: Target, generator: torch.Generator | None = None) -> GradientPlan:
+        first = target.first_call
+        keep = tuple(first <= i < first + self.depth for i in range(num_calls))
+        return GradientPlan(keep=keep, checkpoint=self.checkpoint)
+
+
+class GradientDiagnostics(Callback):
+    """Compare the module's gradient with the exact one, and probe the gradient norm by depth.
+
+    Off unless added (``trainer.callbacks`` in YAML). Every ``every_n_steps`` optimizer steps,
+    after the step, on the current batch and the current (already updated) variable, it
+    recomputes the gradient of the summed per-sample objective loss (no adapter penalty) with
+    respect to the optimized tensors (LatentOptimization: its variable; RewardFineTuning: the
+    LoRA adapters) and logs:
+
+    * ``diagnostics/cosine_to_exact``: cosine between the gradient of the module's gradient mode
+      and the exact gradient (``FullBackprop(checkpoint=True)``), on the same noise;
+    * ``diagnostics/norm_ratio_to_exact``: mode gradient norm / exact gradient norm (for SDO on
+      parameters the single-call estimate is not multiplied by N, so expect about 1/N);
+    * ``diagnostics/grad_norm_depth_{d}``: gradient norm with backprop depth ``d``. Parameter
+      targets: ``TruncatedBackprop(k=d)`` (the last d calls). Latent targets: the first d calls
+      that read the latent keep their graph, nothing is detached (d=1 is SDO, d=N is exact).
+      Depths above the number of calls are skipped.
+    * ``diagnostics/seconds``: wall time of the diagnosis.
+
+    Cost: each diagnosis costs about one exact (checkpointed, so one more forward pass per call)
+    gradient, plus one gradient of the module's mode, plus one gradient per probed depth; each
+    is a full sampling trajectory forward and a backward. Use a large ``every_n_steps`` on big
+    models. The gradients are taken with ``torch.autograd.grad``, so the ``.grad`` of the real
+    step and the optimizer are untouched; the state of the module's random draws is restored,
+    so training is unchanged by the callback. Random gradient modes (SDO on parameters, random
+    truncation) make a fresh draw for the diagnosis.
+
+    Args:
+        every_n_steps: diagnose when the global step is a multiple of this.
+        depths: backprop depths to probe; None for ``[1, 2, 5, 10, N]`` (N the number of calls);
+            an empty list probes none.
+    """
+
+    def __init__(self, every_n_steps: int = 10, depths: list[int] | None = None) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
+        if depths is not None and any(d < 1 for d in depths):
+            raise ValueError(f"depths must be >= 1, got {depths}.")
+        self.every_n_steps = every_n_steps
+        self.depths = depths
+        self.last: dict[str, float] = {}
+        self._done_step: int | None = None
+
+    # -- what the module optimizes and how it generates ------------------------------------
+    @staticmethod
+    def _params_and_kind(module: LightningModule) -> tuple[list[Tensor], str]:
+        if hasattr(module, "lora_params"):
+            return list(module.lora_params), "parameters"
+        if getattr(module, "variable", None) is not None:
+            kind = "parameters" if getattr(module, "target", None) == "embedding" else "latent"
+            return [module.variable], kind
+        raise TypeError(f"GradientDiagnostics supports LatentOptimization and RewardFineTuning, not {type(module).__name__}.")
+
+    @staticmethod
+    def _loss(module: LightningModule, batch: dict[str, Any]) -> Tensor:
+        if hasattr(module, "lora_params"):  # RewardFineTuning: noise seeded by global_step
+            images = module.generate(batch, grad=True)
+            losses = module.objective(images, batch)
+        else:
+            index = batch["index"]
+            images = module._generate(index, grad=True)
+            losses = module.objective(images, {**batch, "initial_images": module.initial_images[index]})
+        return losses.sum()
+
+    def _grad(self, module: LightningModule, batch: dict[str, Any], mode: GradientMode, params: list[Tensor]) -> Tensor:
+        module.gradient_mode = mode
+        loss = self._loss(module, batch)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if g is None else g).detach().float().flatten()
+                          for g, p in zip(grads, params)])
+
+    def _num_calls(self, module: LightningModule) -> int:
+        solver = module.solver
+        return len(solver.begin(module.backbone.scheduler_config).timesteps)
+
+    # -- the hook ----------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps != 0 or step == self._done_step:
+            return
+        self._done_step = step  # once per optimizer step, also with gradient accumulation
+        start = time.perf_counter()
+        values = self.diagnose(pl_module, batch, trainer)
+        values["seconds"] = time.perf_counter() - start
+        self.last = values
+        n = len(batch["index"])
+        for name, value in values.items():
+            pl_module.log(f"diagnostics/{name}", value, on_step=True, on_epoch=False, batch_size=n)
+
+    def diagnose(self, module: LightningModule, batch: dict[str, Any], trainer: Trainer | None = None) -> dict[str, float]:
+        """Compute the diagnostics on ``batch`` now; returns ``{name: value}`` (no logging)."""
+        params, kind = self._params_and_kind(module)
+        original = module.gradient_mode
+        generator = module._plan_generator
+        rng_state = generator.get_state()
+        context = trainer.precision_plugin.train_step_context() if trainer is not None else contextlib.nullcontext()
+        values: dict[str, float] = {}
+        try:
+            with torch.enable_grad(), context:
+                mode_grad = self._grad(module, batch, original, params)
+                exact = self._grad(module, batch, FullBackprop(checkpoint=True), params)
+                exact_norm = exact.norm()
+                values["cosine_to_exact"] = torch.nn.functional.cosine_similarity(mode_grad, exact, dim=0, eps=1e-30).item()
+                values["norm_ratio_to_exact"] = (mode_grad.norm() / exact_norm.clamp_min(1e-30)).item()
+                values["exact_grad_norm"] = exact_norm.item()
+                num_calls = self._num_calls(module)
+                depths = self.depths if self.depths is not None else [1, 2, 5, 10, num_calls]
+                for d in sorted({d for d in depths if d <= num_calls}):
+                    if d == num_calls:  # every call kept: the exact gradient, already computed
+                        values[f"grad_norm_depth_{d}"] = values["exact_grad_norm"]
+                        continue
+                    probe = _FirstCalls(d) if kind == "latent" else TruncatedBackprop(k=d, checkpoint=True)
+                    values[f"grad_norm_depth_{d}"] = self._grad(module, batch, probe, params).norm().item()
+        finally:
+            module.gradient_mode = original
+            generator.set_state(rng_state)
+        return values
