@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import inspect
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -74,7 +74,6 @@ class SolverState:
     scheduler: Any
     timesteps: Tensor
     generator: torch.Generator | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Solver(abc.ABC):
@@ -174,10 +173,6 @@ class Solver(abc.ABC):
     def step(self, model_output: Tensor, t: Tensor, x: Tensor, state: SolverState) -> Tensor:
         """Return ``x`` at the next (lower-noise) timestep. Must stay differentiable in both
         ``model_output`` and ``x``."""
-
-    def first_timestep(self, scheduler_config: dict[str, Any] | None = None) -> int:
-        """The training timestep of the first network call (where the start latent lives)."""
-        return int(self.begin(scheduler_config).timesteps[0])
 
     def __repr__(self) -> str:
         return (

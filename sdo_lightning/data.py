@@ -103,7 +103,9 @@ class SampleSet(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # One batch per optimizer step, all in one epoch, so the progress bar counts steps.
-        max_steps = getattr(getattr(self, "trainer", None), "max_steps", -1)
-        repeats = max_steps if max_steps and max_steps > 0 else 1
+        trainer = getattr(self, "trainer", None)
+        max_steps = getattr(trainer, "max_steps", -1)
+        batches = max_steps * getattr(trainer, "accumulate_grad_batches", 1)  # batches per optimizer step
+        repeats = batches if max_steps and max_steps > 0 else 1
         dataset = _Samples(self.dataset.columns, repeats)
         return DataLoader(dataset, batch_size=self.num_samples, shuffle=False)

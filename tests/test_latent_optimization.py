@@ -164,3 +164,13 @@ def test_x_t_by_inversion_of_real_images_reconstructs_them(tmp_path):
     noise_rms = (module.start_latent - module.backbone.encode(real)).pow(2).mean().sqrt().item()
     assert noise_rms > 0.3  # x_t is really noisy
     assert rms < 0.1
+
+
+def test_same_seed_same_images_and_gradients(tiny_digits_dir, tmp_path):
+    runs = []
+    for seed in (3, 3, 4):
+        module = make(tiny_digits_dir, WeightedBrightness([1.0, 1.0]), seed=seed)
+        fit(module, SampleSet(num_samples=2), tmp_path, steps=2)
+        runs.append((module.variable.detach().clone(), module.best_images.clone()))
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert not torch.allclose(runs[0][0], runs[2][0])
