@@ -174,3 +174,13 @@ def test_same_seed_same_images_and_gradients(tiny_digits_dir, tmp_path):
         runs.append((module.variable.detach().clone(), module.best_images.clone()))
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
     assert not torch.allclose(runs[0][0], runs[2][0])
+
+
+def test_compiled_channels_last_backbone_gives_the_same_output(tiny_digits_dir):
+    # the "eager" backend runs torch.compile's graph capture without code generation (fast on CPU)
+    fast = DigitsBackbone(tiny_digits_dir, compile="eager", channels_last=True)
+    plain = DigitsBackbone(tiny_digits_dir)
+    x, t, cond = torch.randn(2, 1, 8, 8), torch.tensor(300), torch.tensor([3, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(fast.denoise(x, t, cond), plain.denoise(x, t, cond), rtol=1e-5, atol=1e-6)
+    assert set(fast.unet.state_dict()) == set(plain.unet.state_dict())
