@@ -90,3 +90,45 @@ def test_reward_finetuning_runs_and_is_unchanged(tiny_digits_dir, tmp_path):
     assert -1 <= last["cosine_to_exact"] <= 1 and last["norm_ratio_to_exact"] > 0
     assert last["grad_norm_depth_4"] == pytest.approx(last["exact_grad_norm"])
     assert {"grad_norm_depth_1", "grad_norm_depth_2", "seconds"} <= set(last)
+
+
+def test_picard_estimate_matches_closed_form_for_a_linear_network():
+    """eps = c * x makes DDIM x_{k+1} = m_k x_k. From a guess that is the trajectory of another
+    start y, one sweep from x_N gives x^1_k - x*_k = (1 - P_k)(x_N - y) while
+    guess_k - x*_k = P_k (y - x_N), with P_k = m_0 ... m_{k-1}; so
+    lambda = sqrt(sum (1 - P_k)^2) / sqrt(sum P_k^2)."""
+    import math
+
+    from sdo_lightning.diagnostics import picard_contraction, trajectory
+    from sdo_lightning.solvers import DDIM as _DDIM
+
+    c, steps = 0.3, 10
+    net = lambda x, t, cond: c * x
+    solver = _DDIM(steps)
+    config = {"num_train_timesteps": 1000}
+    x_n = torch.full((1, 1, 2, 2), 1.5, dtype=torch.float64)
+    y = torch.full((1, 1, 2, 2), -0.5, dtype=torch.float64)
+    guess = trajectory(net, solver, y, None, config)
+    lam, fixed = picard_contraction(net, solver, x_n, None, guess, config)
+
+    betas = torch.linspace(0.0001, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    ts = [k * (1000 // steps) for k in reversed(range(steps))]
+    p, products = 1.0, []
+    for t in ts:
+        prev = t - 1000 // steps
+        a_t, a_p = abar[t].item(), (abar[prev].item() if prev >= 0 else 1.0)
+        m = math.sqrt(a_p / a_t) + c * (math.sqrt(1 - a_p) - math.sqrt(a_p * (1 - a_t) / a_t))
+        p *= m
+        products.append(p)
+    expected = math.sqrt(sum((1 - q) ** 2 for q in products)) / math.sqrt(sum(q * q for q in products))
+    assert lam == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(fixed[-1], x_n * products[-1])
+
+
+def test_picard_lambda_is_logged_from_the_second_diagnosis(tiny_digits_dir, tmp_path):
+    callback = GradientDiagnostics(every_n_steps=1, depths=[])
+    module = LatentOptimization(objective=Brightness(), backbone=DigitsBackbone(tiny_digits_dir), solver=DDIM(4), lr=0.2)
+    Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            callbacks=[callback], default_root_dir=tmp_path).fit(module, datamodule=SampleSet(num_samples=2))
+    assert 0 <= callback.last["picard_lambda"] < 10
