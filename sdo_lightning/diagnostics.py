@@ -13,6 +13,7 @@ from torch import Tensor
 
 from sdo_lightning.contracts import GradientMode, GradientPlan, Target
 from sdo_lightning.gradient_modes import FullBackprop, TruncatedBackprop
+from sdo_lightning.module_base import OptimizationModule
 
 
 class _FirstCalls(GradientMode):
@@ -83,28 +84,13 @@ class GradientDiagnostics(Callback):
 
     # -- what the module optimizes and how it generates ------------------------------------
     @staticmethod
-    def _params_and_kind(module: LightningModule) -> tuple[list[Tensor], str]:
-        if hasattr(module, "lora_params"):
-            return list(module.lora_params), "parameters"
-        if getattr(module, "variable", None) is not None:
-            kind = "parameters" if getattr(module, "target", None) == "embedding" else "latent"
-            return [module.variable], kind
-        raise TypeError(f"GradientDiagnostics supports LatentOptimization and RewardFineTuning, not {type(module).__name__}.")
-
-    @staticmethod
-    def _loss(module: LightningModule, batch: dict[str, Any]) -> Tensor:
-        if hasattr(module, "lora_params"):  # RewardFineTuning: noise seeded by global_step
-            images = module.generate(batch, grad=True)
-            losses = module.objective(images, batch)
-        else:
-            index = batch["index"]
-            images = module._generate(index, grad=True)
-            losses = module.objective(images, {**batch, "initial_images": module.initial_images[index]})
-        return losses.sum()
+    def _check(module: LightningModule) -> None:
+        if not isinstance(module, OptimizationModule):
+            raise TypeError(f"GradientDiagnostics supports LatentOptimization and RewardFineTuning, not {type(module).__name__}.")
 
     def _grad(self, module: LightningModule, batch: dict[str, Any], mode: GradientMode, params: list[Tensor]) -> Tensor:
         module.gradient_mode = mode
-        loss = self._loss(module, batch)
+        loss = module.compute_losses(batch)[1].sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return torch.cat([(torch.zeros_like(p) if g is None else g).detach().float().flatten()
                           for g, p in zip(grads, params)])
@@ -130,7 +116,9 @@ class GradientDiagnostics(Callback):
 
     def diagnose(self, module: LightningModule, batch: dict[str, Any], trainer: Trainer | None = None) -> dict[str, float]:
         """Compute the diagnostics on ``batch`` now; returns ``{name: value}`` (no logging)."""
-        params, kind = self._params_and_kind(module)
+        self._check(module)
+        params = module.optimized_tensors()
+        latent = module.gradient_target().kind == "latent"
         original = module.gradient_mode
         generator = module._plan_generator
         rng_state = generator.get_state()
@@ -150,7 +138,7 @@ class GradientDiagnostics(Callback):
                     if d == num_calls:  # every call kept: the exact gradient, already computed
                         values[f"grad_norm_depth_{d}"] = values["exact_grad_norm"]
                         continue
-                    probe = _FirstCalls(d) if kind == "latent" else TruncatedBackprop(k=d, checkpoint=True)
+                    probe = _FirstCalls(d) if latent else TruncatedBackprop(k=d, checkpoint=True)
                     values[f"grad_norm_depth_{d}"] = self._grad(module, batch, probe, params).norm().item()
         finally:
             module.gradient_mode = original
@@ -159,8 +147,8 @@ class GradientDiagnostics(Callback):
         return values
 
     def _picard(self, module: LightningModule, batch: dict[str, Any], values: dict[str, float]) -> None:
-        if hasattr(module, "lora_params") or getattr(module, "target", None) == "embedding":
-            return  # the start latent changes with fresh noise: no stored trajectory to refine
+        if module.gradient_target().kind != "latent":
+            return  # fine-tuning samples fresh noise, an embedding target keeps x_T: nothing to refine
         x, cond = module._inputs(batch["index"])
         guess = self._trajectory if self._trajectory is not None else []
         lam, self._trajectory = picard_contraction(module.backbone.denoise, module.solver, x.detach(), cond, guess,

@@ -160,24 +160,33 @@ class LatentOptimization(OptimizationModule):
             return self.start_latent[index] + self.variable[index], self.start_cond[index]
         return self.variable[index], self.start_cond[index]
 
+    def optimized_tensors(self) -> list[Tensor]:
+        return [self.variable]
+
+    def gradient_target(self) -> Target:
+        # An embedding is read by every network call, like parameters; a latent by the first.
+        return Target.parameters() if self.target == "embedding" else Target.latent()
+
     def _generate(self, index: Tensor, grad: bool, device: torch.device | None = None) -> Tensor:
         x, cond = self._inputs(index)
-        target = Target.parameters() if self.target == "embedding" else Target.latent()
         with torch.set_grad_enabled(grad):
             x0 = sample(
                 self.backbone.denoise, self.solver, x, cond,
-                gradient_mode=self.gradient_mode, target=target,
+                gradient_mode=self.gradient_mode, target=self.gradient_target(),
                 generator=self._trajectory_generator(device), plan_generator=self._plan_generator,
                 scheduler_config=self.backbone.scheduler_config,
             )
             return self.backbone.decode(x0)
 
     # -- training ----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def compute_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         index = batch["index"]
         images = self._generate(index, grad=True)
-        batch = {**batch, "initial_images": self.initial_images[index]}
-        losses = self.objective(images, batch)
+        return images, self.objective(images, {**batch, "initial_images": self.initial_images[index]})
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        index = batch["index"]
+        images, losses = self.compute_losses(batch)
         if losses.shape != (len(images),):
             raise ValueError(
                 f"{type(self.objective).__name__} returned shape {tuple(losses.shape)}; an objective must "
@@ -190,10 +199,6 @@ class LatentOptimization(OptimizationModule):
         self.log_terms(losses, self.objective)
         # Sum, not mean: each sample's gradient is its own loss's gradient, whatever the batch size.
         return losses.sum()
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.variable.grad is not None:
-            self.log("train/grad_norm", self.variable.grad.norm())
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # After the optimizer step: project the variable back onto its constraint set.

@@ -9,6 +9,8 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from sdo_lightning.contracts import Target
+
 # The backbone and objective networks are frozen and in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
@@ -28,6 +30,23 @@ class OptimizationModule(LightningModule):
 
     def is_trainable_key(self, key: str) -> bool:
         raise NotImplementedError
+
+    def optimized_tensors(self) -> list[Tensor]:
+        """The tensors the optimizer updates (a latent, an embedding, LoRA adapters)."""
+        raise NotImplementedError
+
+    def gradient_target(self) -> Target:
+        """What the gradient mode differentiates with respect to."""
+        raise NotImplementedError
+
+    def compute_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Images generated for ``batch`` (differentiable) and their per-sample losses ``(B,)``."""
+        raise NotImplementedError
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad.norm() for p in self.optimized_tensors() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.stack(grads).norm())
 
     def log_terms(self, losses: Tensor, objective: Any) -> None:
         """Log the mean loss and each of the objective's named per-sample terms."""

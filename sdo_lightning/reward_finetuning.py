@@ -116,15 +116,25 @@ class RewardFineTuning(OptimizationModule):
         with torch.set_grad_enabled(grad):
             x0 = sample(
                 denoiser, self.solver, x, cond,
-                gradient_mode=self.gradient_mode, target=Target.parameters(),
+                gradient_mode=self.gradient_mode, target=self.gradient_target(),
                 generator=torch.Generator(self.device).manual_seed(self.seed + self.global_step),
                 plan_generator=self._plan_generator, scheduler_config=self.backbone.scheduler_config,
             )
             return self.backbone.decode(x0)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def optimized_tensors(self) -> list[Tensor]:
+        return list(self.lora_params)
+
+    def gradient_target(self) -> Target:
+        return Target.parameters()
+
+    def compute_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        # fresh noise seeded by the global step: the same within one optimizer step
         images = self.generate(batch, grad=True)
-        losses = self.objective(images, batch)
+        return images, self.objective(images, batch)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        images, losses = self.compute_losses(batch)
         loss = losses.mean()
         self.log_terms(losses, self.objective)
         self.log("train/reward", -loss)
@@ -143,11 +153,6 @@ class RewardFineTuning(OptimizationModule):
             if hasattr(experiment, "add_image"):
                 experiment.add_image("samples", make_grid(images[:16]), self.global_step)
         return loss
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad.norm() for p in self.lora_params if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.stack(grads).norm())
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is not None:
