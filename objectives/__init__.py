@@ -1,8 +1,23 @@
 """Built-in objectives: per-sample losses on images in [0, 1], lower is better."""
 
+from sdo_lightning.objectives.aesthetic import AestheticScore
 from sdo_lightning.objectives.classifier import ClassifierObjective
 from sdo_lightning.objectives.clip import CLIPScore
 from sdo_lightning.objectives.combine import WeightedSum
 from sdo_lightning.objectives.fidelity import L2Fidelity
+from sdo_lightning.objectives.hps import HPSv2Score
+from sdo_lightning.objectives.image_classifier import ImageClassifierObjective
+from sdo_lightning.objectives.lpips import LPIPSFidelity
+from sdo_lightning.objectives.style import CLIPStyleLoss
 
-__all__ = ["CLIPScore", "ClassifierObjective", "L2Fidelity", "WeightedSum"]
+__all__ = [
+    "AestheticScore",
+    "CLIPScore",
+    "CLIPStyleLoss",
+    "ClassifierObjective",
+    "HPSv2Score",
+    "ImageClassifierObjective",
+    "L2Fidelity",
+    "LPIPSFidelity",
+    "WeightedSum",
+]
