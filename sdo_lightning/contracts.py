@@ -68,12 +68,13 @@ class SolverState:
         scheduler: a newly built diffusers scheduler whose ``set_timesteps`` was called for this
             trajectory (multistep solvers keep their history in it).
         timesteps: the timesteps this trajectory visits, one network call each.
-        generator: the trajectory's random generator (stochastic solvers draw from it only).
+        generator: the trajectory's random generator, or one per sample (stochastic solvers
+            draw from it only; diffusers schedulers accept both).
     """
 
     scheduler: Any
     timesteps: Tensor
-    generator: torch.Generator | None = None
+    generator: torch.Generator | list[torch.Generator] | None = None
 
 
 class Solver(abc.ABC):
@@ -145,7 +146,7 @@ class Solver(abc.ABC):
         self,
         scheduler_config: dict[str, Any] | None = None,
         device: torch.device | str | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> SolverState:
         """Start one trajectory: a fresh scheduler with its timesteps set, and its generator."""
         scheduler = self.build_scheduler(scheduler_config)

@@ -2,11 +2,67 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+
+def shard(n: int, rank: int, world_size: int) -> torch.Tensor:
+    """The sample indices process ``rank`` of ``world_size`` owns: ``rank, rank + world_size, ...``.
+
+    Every index lands on exactly one process; shard sizes differ by at most one.
+    """
+    if n < world_size:
+        raise ValueError(
+            f"{n} samples cannot be shared by {world_size} processes; give at least num_samples={world_size} "
+            "or run on fewer devices."
+        )
+    return torch.arange(rank, n, world_size)
+
+
+def _rank_and_world(trainer: Any) -> tuple[int, int]:
+    if trainer is None:
+        return 0, 1
+    return int(getattr(trainer, "global_rank", 0)), int(getattr(trainer, "world_size", 1))
+
+
+def _steps_and_accumulation(trainer: Any) -> tuple[int, int]:
+    max_steps = getattr(trainer, "max_steps", -1) if trainer is not None else -1
+    accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
+    return max_steps, accumulate
+
+
+class _Repeat(IterableDataset):
+    """Yields ``batch`` ``length`` times (one epoch holds every optimizer step).
+
+    An iterable dataset, so Lightning never splits it with a DistributedSampler: the data modules
+    here shard by rank themselves, with no padding and no duplicates.
+    """
+
+    def __init__(self, batch: dict[str, Any], length: int) -> None:
+        self.batch = batch
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for _ in range(self.length):
+            yield dict(self.batch)
+
+
+class _PositionFreeLoader(DataLoader):
+    """A loader whose batches do not depend on where iteration starts (every batch is the same, or
+    is filled in from the trainer's step), so resuming mid-epoch is exact: its state is empty."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 def _per_sample(value: int | list[int] | None, n: int, fill: int) -> torch.Tensor:
@@ -55,7 +111,8 @@ class SampleSet(LightningDataModule):
     """A set of samples to optimize, each one a seed, a class label and a target.
 
     Every optimizer step sees the whole set as one batch, so each sample's variables get one
-    update per step (and Adam's state of one sample never moves another's).
+    update per step (and Adam's state of one sample never moves another's). With several
+    processes (DDP) each one sees its own shard, samples ``rank, rank + world_size, ...``.
 
     Args:
         num_samples: how many samples to optimize.
@@ -101,11 +158,111 @@ class SampleSet(LightningDataModule):
         """All samples as one batch (what every training step sees), tensors on ``device``."""
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.dataset.columns.items()}
 
+    def shard_batch(self, rank: int = 0, world_size: int = 1, device: torch.device | str | None = None) -> dict[str, Any]:
+        """The samples process ``rank`` of ``world_size`` owns (see :func:`shard`), as one batch."""
+        index = shard(self.num_samples, rank, world_size)
+        out = {}
+        for key, value in self.full_batch(device).items():
+            out[key] = value[index.to(value.device)] if isinstance(value, torch.Tensor) else [value[i] for i in index.tolist()]
+        return out
+
     def train_dataloader(self) -> DataLoader:
         # One batch per optimizer step, all in one epoch, so the progress bar counts steps.
         trainer = getattr(self, "trainer", None)
-        max_steps = getattr(trainer, "max_steps", -1)
-        batches = max_steps * getattr(trainer, "accumulate_grad_batches", 1)  # batches per optimizer step
-        repeats = batches if max_steps and max_steps > 0 else 1
-        dataset = _Samples(self.dataset.columns, repeats)
-        return DataLoader(dataset, batch_size=self.num_samples, shuffle=False)
+        max_steps, accumulate = _steps_and_accumulation(trainer)
+        batches = max_steps * accumulate if max_steps and max_steps > 0 else 1
+        rank, world_size = _rank_and_world(trainer)
+        return _PositionFreeLoader(_Repeat(self.shard_batch(rank, world_size), batches), batch_size=None)
+
+
+class PromptSet(LightningDataModule):
+    """Prompts for fine-tuning: every optimizer step draws a new batch from a list of prompts.
+
+    The draw is a pure function of ``seed`` and the optimizer step: the prompts are shuffled
+    (a new permutation each time the list is used up) into one stream per step, and the
+    ``batch_size * world_size * accumulate_grad_batches`` prompts of a step are its first ones,
+    micro-batch ``k`` of process ``rank`` taking positions ``(k * world_size + rank) * batch_size``
+    onwards. So a run on 2 processes sees exactly the prompts of a 1-process run with twice the
+    batch, and a resumed run draws what an uninterrupted one would. Each row's ``index`` is its
+    position in the step, which :class:`~sdo_lightning.reward_finetuning.RewardFineTuning`
+    uses (with the step) to seed that sample's starting noise.
+
+    Batches hold ``prompt`` (a list of strings, what text-conditioned backbones read), ``index``
+    and ``class_label`` (the null class, so the digits backbone samples unconditionally).
+
+    Args:
+        prompts: the prompts, e.g. the paper's 45 animal names.
+        prompts_file: a text file with one prompt per line (blank lines and ``#`` comments skipped);
+            its prompts follow ``prompts``.
+        batch_size: prompts per process and micro-batch (the paper's reward LoRA: 16, with
+            ``trainer.accumulate_grad_batches: 4``).
+        template: a format string applied to every prompt, e.g. ``"a photo of a {}"``.
+        seed: seed of the draws.
+        null_class: the class label of every row (for class-conditional backbones).
+    """
+
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        prompts_file: str | None = None,
+        batch_size: int = 16,
+        template: str = "{}",
+        seed: int = 0,
+        null_class: int = 10,
+    ) -> None:
+        super().__init__()
+        items = list(prompts or [])
+        if prompts_file is not None:
+            path = Path(prompts_file)
+            if not path.is_file():
+                raise FileNotFoundError(f"prompts_file={prompts_file!r} does not exist; give a text file with one prompt per line.")
+            lines = [line.strip() for line in path.read_text().splitlines()]
+            items += [line for line in lines if line and not line.startswith("#")]
+        if not items:
+            raise ValueError("PromptSet has no prompts: give prompts: [...] or a prompts_file with one prompt per line.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if "{}" not in template:
+            raise ValueError(f"template={template!r} has no '{{}}' where the prompt goes, e.g. 'a photo of a {{}}'.")
+        self.prompts = [template.format(p) for p in items]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.null_class = null_class
+
+    def step_prompts(self, step: int, count: int) -> list[str]:
+        """The first ``count`` prompts of optimizer step ``step``'s stream."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        order: list[int] = []
+        while len(order) < count:
+            order += torch.randperm(len(self.prompts), generator=g).tolist()
+        return [self.prompts[i] for i in order[:count]]
+
+    def batch(self, step: int, micro_batch: int = 0, rank: int = 0, world_size: int = 1, accumulate: int = 1) -> dict[str, Any]:
+        """The batch of process ``rank`` for micro-batch ``micro_batch`` of optimizer step ``step``."""
+        per_step = self.batch_size * world_size * accumulate
+        start = (micro_batch * world_size + rank) * self.batch_size
+        prompts = self.step_prompts(step, per_step)[start:start + self.batch_size]
+        return {
+            "prompt": prompts,
+            "index": torch.arange(start, start + self.batch_size),
+            "class_label": torch.full((self.batch_size,), self.null_class, dtype=torch.long),
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        max_steps, accumulate = _steps_and_accumulation(trainer)
+        if not max_steps or max_steps < 1:
+            raise ValueError("PromptSet draws prompts per optimizer step: set trainer.max_steps (e.g. 1000).")
+        # Placeholders: the prompts are filled in by on_before_batch_transfer from the trainer's
+        # step, so they never depend on where a (resumed) iteration started.
+        return _PositionFreeLoader(_Repeat({"placeholder": torch.zeros(())}, max_steps * accumulate), batch_size=None)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is None or not isinstance(batch, dict) or "placeholder" not in batch:
+            return batch
+        _, accumulate = _steps_and_accumulation(trainer)
+        rank, world_size = _rank_and_world(trainer)
+        # batches already fed to training_step (restored on resume); this one is the next
+        fed = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        return self.batch(trainer.global_step, fed % accumulate, rank, world_size, accumulate)

@@ -18,7 +18,8 @@ from sdo_lightning.backbones import Backbone, DigitsBackbone
 from sdo_lightning.contracts import GradientMode, Objective, Solver, Target
 from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.images import save_before_after
-from sdo_lightning.module_base import OptimizationModule
+from sdo_lightning.data import shard
+from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
 from sdo_lightning.sampling import ddim_invert, sample
 from sdo_lightning.solvers import DDIM
 
@@ -31,6 +32,13 @@ class LatentOptimization(OptimizationModule):
     one optimizer step. Each sample's best image (lowest loss seen) is kept; at the end of fit
     the before/after grid is written as ``before_after.png`` and the images as ``samples.npz``
     (``before``, ``after``: ``(B, C, H, W)`` in [0, 1]) in the log directory.
+
+    With several processes (DDP) the samples are sharded: process ``r`` of ``W`` samples and
+    scores samples ``r, r + W, ...`` only. Every process holds the whole (small) variable so
+    DDP's all-reduce keeps it identical everywhere; the loss is scaled by ``W`` so the averaged
+    gradient of each sample is its own loss's gradient, as in a single process. Images and
+    losses are gathered every step, so every process holds every sample's best image and
+    process 0 writes the results.
 
     Args:
         objective: the per-sample loss on decoded images (lower is better).
@@ -51,6 +59,8 @@ class LatentOptimization(OptimizationModule):
         optimizer: an optimizer factory overriding the default (``class_path`` in YAML).
         seed: seed of the starting noise (sample ``i`` uses ``seed * 100003 + i``) and of the
             gradient mode's random draws.
+        on_nonfinite: a NaN or infinite loss or gradient ``skip``s the optimizer step with a
+            warning, or ``stop``s the fit with an error.
     """
 
     def __init__(
@@ -66,8 +76,9 @@ class LatentOptimization(OptimizationModule):
         lr: float = 0.05,
         optimizer: OptimizerCallable | None = None,
         seed: int = 0,
+        on_nonfinite: Literal["skip", "stop"] = "skip",
     ) -> None:
-        super().__init__(seed)
+        super().__init__(seed, on_nonfinite)
         if target == "x_T" and solver.start_timestep is not None:
             raise ValueError(
                 f"target 'x_T' starts from pure noise but the solver starts at t={solver.start_timestep}; "
@@ -100,10 +111,12 @@ class LatentOptimization(OptimizationModule):
             rows.append(torch.randn(self.backbone.latent_shape, generator=g))
         return torch.stack(rows)
 
-    def _trajectory_generator(self, device: torch.device | None = None) -> torch.Generator:
+    def _trajectory_generator(self, index: Tensor, device: torch.device | None = None) -> list[torch.Generator]:
         # Stochastic solvers draw the same noise every step, so the objective is a fixed function
-        # of the optimized variable.
-        return torch.Generator(device or self.device).manual_seed(self.seed + 17)
+        # of the optimized variable; one generator per sample, so a sample's noise does not
+        # depend on which others share its batch (or process).
+        device = device or self.device
+        return [torch.Generator(device).manual_seed(self.seed * 100003 + 17 + 7919 * i) for i in index.tolist()]
 
     def setup(self, stage: str) -> None:
         if self.variable is not None:
@@ -114,24 +127,57 @@ class LatentOptimization(OptimizationModule):
         # setup runs before Lightning moves the module: sample the start on the target device.
         device = self.trainer.strategy.root_device
         self.backbone.to(device)
+        check_solver_fits_backbone(self.solver, self.backbone)
         self._prepare(datamodule.full_batch(device), device)
+
+    def _gather_rows(self, index: Tensor, rows: Tensor, n: int) -> Tensor:
+        """Every process's ``rows`` (of samples ``index``, its shard) assembled into ``(n, ...)``."""
+        rank, world_size = self.world
+        if world_size == 1:
+            out = rows.new_zeros((n, *rows.shape[1:]))
+            out[index.to(rows.device)] = rows
+            return out
+        # shards differ in size by at most one: pad to the largest, gather, drop the padding
+        size = -(-n // world_size)
+        padded = rows.new_zeros((size, *rows.shape[1:]))
+        padded[: len(rows)] = rows
+        where = torch.full((size,), -1, dtype=torch.long, device=rows.device)
+        where[: len(index)] = index.to(rows.device)
+        all_rows = self.trainer.strategy.all_gather(padded).reshape(world_size * size, *rows.shape[1:])
+        all_where = self.trainer.strategy.all_gather(where).reshape(-1)
+        keep = all_where >= 0
+        out = rows.new_zeros((n, *rows.shape[1:]))
+        out[all_where[keep]] = all_rows[keep]
+        return out
 
     @torch.no_grad()
     def _prepare(self, batch: dict[str, Tensor], device: torch.device) -> None:
+        n = len(batch["index"])
+        rank, world_size = self.world
+        mine = shard(n, rank, world_size).to(device)  # this process's samples
         cond = self.backbone.encode_condition(batch)
         start = self._noise(batch["index"]).to(device)
         if self.invert_images:
             if "image" not in batch:
                 raise KeyError("invert_images needs real images in the batch: give the data module images (e.g. SampleSet(images='digits')).")
-            start = ddim_invert(self.backbone.denoise, self.backbone.encode(batch["image"].to(device)), cond,
-                                self.solver, self.backbone.scheduler_config)
+            clean = self.backbone.encode(batch["image"][mine.to(batch["image"].device)].to(device))
+            if tuple(clean.shape[1:]) != tuple(self.backbone.latent_shape):
+                size = tuple(batch["image"].shape[1:])
+                raise ValueError(
+                    f"invert_images: images of shape {size} encode to latents {tuple(clean.shape[1:])}, but "
+                    f"{type(self.backbone).__name__} samples latents {tuple(self.backbone.latent_shape)}; resize the "
+                    "images to the model's image size (and channels) first."
+                )
+            part = ddim_invert(self.backbone.denoise, clean, _rows(cond, mine), self.solver, self.backbone.scheduler_config)
+            start = self._gather_rows(mine, part, n)
         elif self.target == "x_t":
             prefix_solver = copy.copy(self.solver)
             prefix_solver.start_timestep = None
             timesteps = prefix_solver.begin(self.backbone.scheduler_config).timesteps
             calls = int((timesteps > self.solver.start_timestep).sum())
-            start = sample(self.backbone.denoise, prefix_solver, start, cond, num_calls=calls,
-                           generator=self._trajectory_generator(device), scheduler_config=self.backbone.scheduler_config)
+            part = sample(self.backbone.denoise, prefix_solver, start[mine], _rows(cond, mine), num_calls=calls,
+                          generator=self._trajectory_generator(mine, device), scheduler_config=self.backbone.scheduler_config)
+            start = self._gather_rows(mine, part, n)
         self.register_buffer("start_latent", start)
         if isinstance(cond, Tensor):
             self.register_buffer("start_cond", cond)
@@ -147,7 +193,7 @@ class LatentOptimization(OptimizationModule):
             self.variable = nn.Parameter(torch.zeros_like(start))
         else:
             self.variable = nn.Parameter(start.clone())
-        images = self._generate(batch["index"], grad=False, device=device)
+        images = self._gather_rows(mine, self._generate(mine, grad=False, device=device), n)
         self.register_buffer("initial_images", images)
         self.register_buffer("best_images", images.clone())
         self.register_buffer("best_loss", torch.full((len(images),), float("inf"), device=device))
@@ -173,7 +219,7 @@ class LatentOptimization(OptimizationModule):
             x0 = sample(
                 self.backbone.denoise, self.solver, x, cond,
                 gradient_mode=self.gradient_mode, target=self.gradient_target(),
-                generator=self._trajectory_generator(device), plan_generator=self._plan_generator,
+                generator=self._trajectory_generator(index, device), plan_generator=self._plan_generator,
                 scheduler_config=self.backbone.scheduler_config,
             )
             return self.backbone.decode(x0)
@@ -187,18 +233,21 @@ class LatentOptimization(OptimizationModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         index = batch["index"]
         images, losses = self.compute_losses(batch)
-        if losses.shape != (len(images),):
-            raise ValueError(
-                f"{type(self.objective).__name__} returned shape {tuple(losses.shape)}; an objective must "
-                f"return one loss per sample, shape ({len(images)},)."
-            )
+        self.check_losses(losses, len(images))
         with torch.no_grad():
-            better = losses < self.best_loss[index]
-            self.best_loss[index[better]] = losses[better]
-            self.best_images[index[better]] = images[better]
+            # every process updates every sample's best from the gathered shards: the buffers stay
+            # identical across processes (DDP broadcasts process 0's buffers) and in checkpoints
+            n = len(self.best_loss)
+            seen = self._gather_rows(index, torch.ones_like(losses.detach()), n) > 0
+            all_losses = self._gather_rows(index, losses.detach(), n)
+            all_images = self._gather_rows(index, images.detach(), n)
+            better = seen & (all_losses < self.best_loss)
+            self.best_loss[better] = all_losses[better]
+            self.best_images[better] = all_images[better]
         self.log_terms(losses, self.objective)
         # Sum, not mean: each sample's gradient is its own loss's gradient, whatever the batch size.
-        return losses.sum()
+        # Times the number of processes: DDP averages gradients, and each sample lives on one process.
+        return losses.sum() * self.world[1]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # After the optimizer step: project the variable back onto its constraint set.
@@ -219,6 +268,8 @@ class LatentOptimization(OptimizationModule):
 
     # -- results -----------------------------------------------------------------------------
     def on_fit_end(self) -> None:
+        if self.variable is None:  # the fit failed before setup finished
+            return
         with torch.no_grad():
             batch = self.trainer.datamodule.full_batch(self.device)
             batch["initial_images"] = self.initial_images
@@ -229,11 +280,11 @@ class LatentOptimization(OptimizationModule):
             diff = (self.best_images - self.initial_images).flatten(1)
             summary["l2_to_unoptimized"] = diff.norm(dim=1).mean().item()
             summary["rms_to_unoptimized"] = diff.pow(2).mean(1).sqrt().mean().item()
-        self._write_results(summary)
+        # trainer.log_dir is a collective under DDP: every process asks, process 0 writes
+        self._write_results(summary, Path(self.trainer.log_dir or self.trainer.default_root_dir))
 
     @rank_zero_only
-    def _write_results(self, summary: dict[str, Any]) -> None:
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+    def _write_results(self, summary: dict[str, Any], log_dir: Path) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         before, after = self.initial_images.float().cpu(), self.best_images.float().cpu()
         np.savez(log_dir / "samples.npz", before=before.numpy(), after=after.numpy())
@@ -250,3 +301,8 @@ class LatentOptimization(OptimizationModule):
                        f"Logs: {log_dir}  (tensorboard --logdir {log_dir.parent})",
                        f"Images: {png}  and  {log_dir / 'samples.npz'}"])
         )
+
+
+def _rows(cond: Any, index: Tensor) -> Any:
+    """The conditioning of samples ``index`` (a tensor, or an indexable condition object)."""
+    return cond[index.to(cond.device)] if isinstance(cond, Tensor) else cond[index]

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from sdo_lightning.contracts import Target
@@ -15,18 +16,70 @@ from sdo_lightning.contracts import Target
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient was NaN or infinite and the module was told to stop (``on_nonfinite: stop``)."""
+
+
+def check_solver_fits_backbone(solver: Any, backbone: Any) -> None:
+    """Warn when an LCM solver meets a model that is not LCM-distilled, or the other way round."""
+    from sdo_lightning.solvers import LCMMultistep
+
+    scheduler_name = str(getattr(backbone, "scheduler_config", {}).get("_class_name", ""))
+    lcm_model = bool(getattr(backbone, "guidance_embedding", False)) or scheduler_name == "LCMScheduler"
+    lcm_lora = getattr(backbone, "lora", None) is not None  # e.g. an LCM-LoRA fused at load time
+    name = type(backbone).__name__
+    if isinstance(solver, LCMMultistep) and not (lcm_model or lcm_lora):
+        rank_zero_warn(
+            f"solver LCMMultistep on {name}, which is not LCM-distilled (no guidance embedding, scheduler "
+            f"{scheduler_name or 'unknown'}): its samples will be poor; use DDIM or DPMSolverPlusPlus, or load an "
+            "LCM model or LCM-LoRA (StableDiffusionBackbone lora: ...)."
+        )
+    elif lcm_model and not isinstance(solver, LCMMultistep):
+        rank_zero_warn(
+            f"{name} holds an LCM-distilled model but the solver is {type(solver).__name__}: use solver "
+            "LCMMultistep with 1-8 steps, since LCMs are not trained for other samplers."
+        )
+
+
 class OptimizationModule(LightningModule):
     """Base of LatentOptimization and RewardFineTuning.
 
     Checkpoints hold only the keys :meth:`is_trainable_key` accepts (frozen base weights are the
     user's files) plus the state of the gradient mode's random draws, so a resumed run draws
     the same kept calls as an uninterrupted one.
+
+    A non-finite loss or gradient (NaN or inf) either skips the optimizer step, with a warning
+    that says which step and what was non-finite (``on_nonfinite: skip``: the optimized tensors
+    and the optimizer state stay as they were), or stops the fit with :class:`NonFiniteError`
+    before the step (``on_nonfinite: stop``).
     """
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, on_nonfinite: Literal["skip", "stop"] = "skip") -> None:
         super().__init__()
+        if on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"on_nonfinite must be 'skip' or 'stop', got {on_nonfinite!r}.")
         self._plan_generator = torch.Generator().manual_seed(seed)
+        self.on_nonfinite = on_nonfinite
+        self.skipped_steps = 0
+        self._nonfinite_loss = False
         self.strict_loading = False  # checkpoints hold the trainable state only
+
+    # -- processes -----------------------------------------------------------------------------
+    @property
+    def world(self) -> tuple[int, int]:
+        """``(rank, world_size)`` of this process (``(0, 1)`` outside a distributed fit)."""
+        trainer = self._trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def check_losses(self, losses: Tensor, batch_size: int) -> None:
+        if losses.shape != (batch_size,):
+            raise ValueError(
+                f"{type(self.objective).__name__} returned shape {tuple(losses.shape)}; an objective must "
+                f"return one loss per sample, shape ({batch_size},)."
+            )
+        self._nonfinite_loss = self._nonfinite_loss or not bool(torch.isfinite(losses.detach()).all())
 
     def is_trainable_key(self, key: str) -> bool:
         raise NotImplementedError
@@ -44,9 +97,34 @@ class OptimizationModule(LightningModule):
         raise NotImplementedError
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad.norm() for p in self.optimized_tensors() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.stack(grads).norm())
+        # After backward (and DDP's all-reduce), before the update.
+        params = [p for p in self.optimized_tensors() if p.grad is not None]
+        grads = [p.grad.norm() for p in params]
+        norm = torch.stack(grads).norm() if grads else None
+        bad_loss = self._nonfinite_loss
+        self._nonfinite_loss = False
+        bad_grad = norm is not None and not bool(torch.isfinite(norm))
+        if self.trainer.world_size > 1:  # every process must take the same decision
+            bad_loss = self.trainer.strategy.reduce_boolean_decision(bad_loss, all=False)
+        if bad_loss or bad_grad:
+            what = " and ".join(w for w, bad in (("loss", bad_loss), ("gradient", bad_grad)) if bad)
+            step = self.trainer.global_step
+            if self.on_nonfinite == "stop":
+                raise NonFiniteError(
+                    f"step {step}: the {what} is not finite (NaN or inf), so the fit stops before this step "
+                    f"(on_nonfinite: stop); lower the learning rate, check the objective, or use on_nonfinite: skip."
+                )
+            for p in params:
+                p.grad = None  # optimizers leave tensors without a gradient (and their state) alone
+            self.skipped_steps += 1
+            rank_zero_warn(
+                f"step {step}: the {what} is not finite (NaN or inf); skipped this optimizer step, the optimized "
+                f"tensors are unchanged ({self.skipped_steps} skipped so far; on_nonfinite: stop makes this an error)."
+            )
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            return
+        if norm is not None:
+            self.log("train/grad_norm", norm)
 
     def log_terms(self, losses: Tensor, objective: Any) -> None:
         """Log the mean loss and each of the objective's named per-sample terms."""
@@ -59,7 +137,9 @@ class OptimizationModule(LightningModule):
         for key in [k for k in state if not self.is_trainable_key(k)]:
             del state[key]
         checkpoint["plan_generator_state"] = self._plan_generator.get_state()
+        checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "plan_generator_state" in checkpoint:
             self._plan_generator.set_state(checkpoint["plan_generator_state"])
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from sdo_lightning import lora
@@ -17,7 +17,7 @@ from sdo_lightning.contracts import GradientMode, Objective, Target
 from sdo_lightning.contracts import Solver
 from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.images import make_grid
-from sdo_lightning.module_base import OptimizationModule
+from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
 from sdo_lightning.sampling import sample
 from sdo_lightning.solvers import DDIM
 
@@ -30,6 +30,13 @@ class RewardFineTuning(OptimizationModule):
     drawn uniformly per step), decodes, scores and steps the optimizer on the adapters only. The
     base weights stay frozen, in the precision the Trainer gives them; adapters are kept in fp32.
     At the end of fit (and with every checkpoint) the adapter is written to ``<log dir>/lora``.
+
+    The starting noise of a sample is a function of the seed, the optimizer step, the micro-batch
+    within the step (gradient accumulation) and the sample's ``batch["index"]`` alone, so a run on
+    several processes (DDP: each process gets its own samples, see :class:`~sdo_lightning.data.SampleSet`
+    and :class:`~sdo_lightning.data.PromptSet`) draws exactly what one process would draw for the
+    combined batch, and a resumed run draws what an uninterrupted one would. DDP averages the
+    per-process mean losses' gradients: the gradient of the mean over the combined batch.
 
     Args:
         objective: the per-sample loss (a negated reward); lower is better.
@@ -49,6 +56,8 @@ class RewardFineTuning(OptimizationModule):
         fold_adapters: run the network calls that keep no graph with the adapters folded into
             copies of the base weights (same outputs, no per-call LoRA overhead).
         seed: seed of the starting noise and of the gradient mode's draws.
+        on_nonfinite: a NaN or infinite loss or gradient ``skip``s the optimizer step with a
+            warning, or ``stop``s the fit with an error.
     """
 
     def __init__(
@@ -67,8 +76,9 @@ class RewardFineTuning(OptimizationModule):
         held_out_objective: Objective | None = None,
         fold_adapters: bool = True,
         seed: int = 0,
+        on_nonfinite: Literal["skip", "stop"] = "skip",
     ) -> None:
-        super().__init__(seed)
+        super().__init__(seed, on_nonfinite)
         self.objective = objective
         self.backbone = backbone
         self.solver = solver
@@ -84,14 +94,29 @@ class RewardFineTuning(OptimizationModule):
         self._folding = lora.AdapterFolding(backbone.network) if fold_adapters else None
 
     # -- precision: adapters stay fp32 whatever the Trainer does to the base weights ------------
+    def setup(self, stage: str) -> None:
+        check_solver_fits_backbone(self.solver, self.backbone)
+
     def on_fit_start(self) -> None:
         for p in self.lora_params:
             if p.dtype != torch.float32:
                 p.data = p.data.float()
 
-    def _noise(self, n: int) -> Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.global_step * 1009 + self.global_rank)
-        return torch.randn(n, *self.backbone.latent_shape, generator=g).to(self.device)
+    def _sample_seeds(self, index: Tensor) -> list[int]:
+        # one seed per (seed, optimizer step, micro-batch, sample): independent of the batch's
+        # split over processes and micro-batches of other steps
+        trainer = self._trainer
+        micro = 0
+        if trainer is not None and trainer.accumulate_grad_batches > 1:
+            # batches fed so far, this one included (restored on resume)
+            micro = (trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1) % trainer.accumulate_grad_batches
+        key = (self.seed * 1_000_003 + self.global_step) * 101 + micro
+        return [(key * 100_003 + int(i)) % (2**63 - 1) for i in index.tolist()]
+
+    def _noise(self, index: Tensor) -> Tensor:
+        rows = [torch.randn(self.backbone.latent_shape, generator=torch.Generator().manual_seed(s))
+                for s in self._sample_seeds(index)]
+        return torch.stack(rows).to(self.device)
 
     def _denoise(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
         # Calls that keep no graph run under no_grad (see sample()): fold the adapters for them.
@@ -101,23 +126,26 @@ class RewardFineTuning(OptimizationModule):
     def generate(self, batch: dict[str, Tensor], grad: bool) -> Tensor:
         """Images for ``batch`` from fresh noise; differentiable in the adapters when ``grad``."""
         cond = self.backbone.encode_condition(batch)
-        x = self._noise(len(batch["index"]))
+        index = batch["index"]
+        x = self._noise(index)
         denoiser = self.backbone.denoise
         if self._folding is not None:
             self._folding.refresh()  # the adapters changed at the last optimizer step
             denoiser = self._denoise
         try:
-            return self._sample(denoiser, x, cond, grad)
+            return self._sample(denoiser, x, cond, grad, index)
         finally:
             if self._folding is not None:
                 self._folding.fold(False)
 
-    def _sample(self, denoiser: Any, x: Tensor, cond: Any, grad: bool) -> Tensor:
+    def _sample(self, denoiser: Any, x: Tensor, cond: Any, grad: bool, index: Tensor) -> Tensor:
+        # stochastic solvers: one generator per sample, seeded like its starting noise
+        generators = [torch.Generator(self.device).manual_seed(s + 1) for s in self._sample_seeds(index)]
         with torch.set_grad_enabled(grad):
             x0 = sample(
                 denoiser, self.solver, x, cond,
                 gradient_mode=self.gradient_mode, target=self.gradient_target(),
-                generator=torch.Generator(self.device).manual_seed(self.seed + self.global_step),
+                generator=generators,
                 plan_generator=self._plan_generator, scheduler_config=self.backbone.scheduler_config,
             )
             return self.backbone.decode(x0)
@@ -129,12 +157,12 @@ class RewardFineTuning(OptimizationModule):
         return Target.parameters()
 
     def compute_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        # fresh noise seeded by the global step: the same within one optimizer step
         images = self.generate(batch, grad=True)
         return images, self.objective(images, batch)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images, losses = self.compute_losses(batch)
+        self.check_losses(losses, len(images))
         loss = losses.mean()
         self.log_terms(losses, self.objective)
         self.log("train/reward", -loss)
@@ -172,11 +200,15 @@ class RewardFineTuning(OptimizationModule):
         if path is not None:
             rank_zero_info(f"LoRA adapter written to {path}")
 
-    @rank_zero_only
     def export_adapter(self, directory: str | Path | None = None) -> Path | None:
-        """Write the adapter (``<log dir>/lora`` by default) in the backbone's LoRA format."""
+        """Write the adapter (``<log dir>/lora`` by default) in the backbone's LoRA format.
+
+        Under DDP call it on every process (``trainer.log_dir`` is a collective); process 0 writes.
+        """
         if directory is None:
             if self._trainer is None:
                 return None
             directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "lora"
+        if self.global_rank != 0:
+            return None
         return self.backbone.save_lora(directory)

@@ -33,7 +33,7 @@ def sample(
     *,
     gradient_mode: GradientMode | None = None,
     target: Target = Target.latent(),
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     plan_generator: torch.Generator | None = None,
     scheduler_config: dict[str, Any] | None = None,
     num_calls: int | None = None,
@@ -51,7 +51,8 @@ def sample(
         gradient_mode: which calls keep their graph. None, or grad mode disabled, samples
             without any graph (and without drawing from ``plan_generator``).
         target: what the caller differentiates with respect to (see :class:`Target`).
-        generator: the trajectory's generator, for stochastic solvers (DDIM eta>0, LCM).
+        generator: the trajectory's generator, for stochastic solvers (DDIM eta>0, LCM); a list
+            of one generator per sample makes each sample's noise independent of its batch.
         plan_generator: the generator of the gradient mode's random draws.
         scheduler_config: the model's scheduler config (betas, prediction type, ...).
         num_calls: stop after this many network calls and return the latent reached (used to
