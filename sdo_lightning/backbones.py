@@ -521,7 +521,7 @@ class PixArtAlphaBackbone(Backbone):
         from diffusers import PixArtAlphaPipeline
 
         hub = {"local_files_only": _offline(local_files_only), "revision": revision}
-        torch_dtype = getattr(torch, dtype) if dtype is not None else None
+        torch_dtype = getattr(torch, dtype, None) if dtype is not None else None
         if dtype is not None and not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. bfloat16, float16 or float32.")
         tokenizer = _load_t5_tokenizer(model, **hub)

@@ -129,6 +129,28 @@ def test_pixart_size_conditions_of_1024_models(tmp_path):
         assert (eps(24, 16) - eps(16, 24)).abs().max() > 1e-4  # the sizes do enter the output
 
 
+def test_pixart_options_max_length_dtype_channels_last(tiny_pixart):
+    short = PixArtAlphaBackbone(str(tiny_pixart), guidance_scale=1.0, max_sequence_length=6)
+    cond = short.encode_condition({"prompt": PROMPTS})
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pixart / "tokenizer")
+    encoder = T5EncoderModel.from_pretrained(tiny_pixart / "text_encoder")
+    tokens = tokenizer(PROMPTS, padding="max_length", max_length=6, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        reference = encoder(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+    assert cond.embeds.shape == (2, 6, 24) and cond.negative_embeds is None
+    torch.testing.assert_close(cond.embeds, reference)
+    assert PixArtAlphaBackbone(str(tiny_pixart), dtype="bfloat16").transformer.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        PixArtAlphaBackbone(str(tiny_pixart), dtype="bf16")
+    # (compile goes through the same _speed_up as DigitsBackbone, tested there)
+    fast = PixArtAlphaBackbone(str(tiny_pixart), guidance_scale=2.0, channels_last=True)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor(600)
+    with torch.no_grad():
+        cond = fast.encode_condition({"prompt": PROMPTS})
+        expected = PixArtAlphaBackbone(str(tiny_pixart), guidance_scale=2.0).denoise(x, t, cond)
+        torch.testing.assert_close(fast.denoise(x, t, cond), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_pixart_scheduler_config_drops_learned_variance(tiny_pixart):
     saved = json.loads((tiny_pixart / "scheduler" / "scheduler_config.json").read_text())
     assert saved["variance_type"] == "learned_range"
@@ -171,6 +193,20 @@ def test_pixart_latent_optimization_step(tiny_pixart, target, tmp_path):
         moved = (module.variable - module.start_cond.embeds).abs().amax(-1) > 0
         _, mask = t5_reference(tiny_pixart)(PROMPTS)
         assert torch.equal(moved, mask.bool())
+
+
+@pytest.mark.parametrize("precision,target", [("bf16-true", "embedding"), ("bf16-mixed", "x_T")])
+def test_pixart_fits_under_trainer_precision(tmp_path, precision, target):
+    """The Trainer converts the module (bf16-true) or autocasts (bf16-mixed); prompt embeddings
+    made in float32 before the conversion, and the size conditions of 1024px models, must follow."""
+    root = build_tiny_pixart(tmp_path / "px1024", additional_conditions=True)
+    module = LatentOptimization(objective=Redness(), backbone=PixArtAlphaBackbone(str(root), guidance_scale=2.0),
+                                solver=DDIM(3), target=target, lr=0.1)
+    trainer(tmp_path, precision=precision).fit(module, datamodule=SampleSet(num_samples=2, prompt=PROMPTS))
+    expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert module.backbone.transformer.dtype == expected and module.variable.dtype == expected
+    start = module.start_latent if target == "x_T" else module.start_cond.embeds
+    assert torch.isfinite(module.variable).all() and not torch.equal(module.variable, start.to(expected))
 
 
 def test_pixart_reward_finetuning_changes_adapters_only(tiny_pixart, tmp_path):
@@ -258,3 +294,10 @@ def test_pixel_unet_latent_optimization_step(tiny_ddpm, tmp_path):
                                        target="embedding")
     with pytest.raises(ValueError, match="has no conditioning embedding"):
         trainer(tmp_path).fit(unconditional, datamodule=SampleSet(num_samples=2))
+
+
+def test_pixel_unet_fits_in_bf16(tiny_ddpm, tmp_path):
+    module = LatentOptimization(objective=Redness(), backbone=PixelUNetBackbone(str(tiny_ddpm)), solver=DDIM(3), lr=0.1)
+    trainer(tmp_path, precision="bf16-true").fit(module, datamodule=SampleSet(num_samples=2))
+    assert module.backbone.unet.dtype == torch.bfloat16
+    assert torch.isfinite(module.variable).all() and not torch.equal(module.variable, module.start_latent)
