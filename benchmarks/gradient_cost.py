@@ -14,6 +14,18 @@ Backbones (random weights, nothing is downloaded):
   guidance 7.5), decode of ``latents / 0.18215`` inside the timed region; objective =
   mean(image * fixed random weights). The ``parameters`` target trains only the attention
   projections (to_q, to_k, to_v, to_out.0). ``full`` is skipped unless ``--include-full-sd``.
+* ``pixart``: a PixArt-alpha-XL-2-512-sized ``PixArtTransformer2DModel`` (28 blocks, width 1152,
+  learned sigma: the epsilon half is used) + the same ``AutoencoderKL``, random T5-shaped text
+  embeddings (1, 120, 4096) with classifier-free guidance (batch 2, guidance 4.5); bf16 on CUDA.
+  ``full`` is skipped unless ``--include-full-sd``.
+* ``embedded``: the shipped digits model (``DigitsBackbone``, trained weights, unconditional)
+  with the quickstart's classifier (log-probability of 7) as the objective.
+
+Targets: ``latent`` (x_T), ``parameters`` (the raw weights named above), ``lora`` (a rank-4 peft
+LoRA on the backbone's LoRA target modules, with the adapters folded into copies of the base
+weights for the no-grad calls, as ``RewardFineTuning(fold_adapters=True)`` does; the re-folding
+after each update is inside the timed region) and ``lora_plain`` (the same adapters left as peft
+layers in every call). The no-grad sampling floor always runs with the adapters disabled.
 
 Memory: on CUDA ``peak_mib`` is ``torch.cuda.max_memory_allocated`` (absolute: weights included),
 reset before each measurement. On CPU it is the growth of the process's peak resident set over
@@ -24,7 +36,9 @@ Examples::
 
     python benchmarks/gradient_cost.py                          # tiny, DDIM, 50 steps, CPU
     python benchmarks/gradient_cost.py --solvers DDIM DPMSolverPlusPlus LCMMultistep --json
-    python benchmarks/gradient_cost.py --backbone sd15 --steps 50   # on a GPU
+    python benchmarks/gradient_cost.py --backbone embedded --targets latent lora --modes sdo full
+    python benchmarks/gradient_cost.py --backbone sd15 pixart --steps 50   # on a GPU
+    python benchmarks/gradient_cost.py --backbone sd15 --compile           # torch.compile'd denoiser
 """
 
 from __future__ import annotations
@@ -49,14 +63,17 @@ from sdo_lightning.solvers import DDIM, DPMSolverPlusPlus, LCMMultistep
 
 SOLVERS = {"DDIM": DDIM, "DPMSolverPlusPlus": DPMSolverPlusPlus, "LCMMultistep": LCMMultistep}
 #: name -> (factory, targets it applies to)
+_ALL = ("latent", "parameters", "lora", "lora_plain")
+_WEIGHTS = ("parameters", "lora", "lora_plain")
 MODES: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {
-    "sdo": (lambda: ShortcutGradient(), ("latent", "parameters")),
-    "full": (lambda: FullBackprop(), ("latent", "parameters")),
-    "full_ckpt": (lambda: FullBackprop(checkpoint=True), ("latent", "parameters")),
-    "truncated_k10": (lambda: TruncatedBackprop(k=10), ("parameters",)),
-    "truncated_k1": (lambda: TruncatedBackprop(k=1), ("parameters",)),
+    "sdo": (lambda: ShortcutGradient(), _ALL),
+    "full": (lambda: FullBackprop(), _ALL),
+    "full_ckpt": (lambda: FullBackprop(checkpoint=True), _ALL),
+    "truncated_k10": (lambda: TruncatedBackprop(k=10), _WEIGHTS),
+    "truncated_k1": (lambda: TruncatedBackprop(k=1), _WEIGHTS),
 }
-TARGETS = ("latent", "parameters")
+TARGETS = _ALL
+LORA_RANK = 4
 
 # SD-1.5's published scheduler config (the solvers take what they need from it).
 SD_SCHEDULER = {
@@ -96,6 +113,11 @@ class Backbone:
     objective: Callable[[Tensor], Tensor]
     #: the weights a ``parameters`` target trains
     trainable: list[nn.Parameter]
+    #: layer names a ``lora`` target adapts (peft ``target_modules``)
+    lora_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    #: the LoRA adapters (set by :func:`add_adapters`)
+    lora_params: list[nn.Parameter] | None = None
+    folding: Any = None
 
 
 def build_tiny(device: torch.device, seed: int) -> Backbone:
@@ -124,6 +146,109 @@ def build_tiny(device: torch.device, seed: int) -> Backbone:
     return Backbone("tiny", unet, denoiser, None, shape, TINY_SCHEDULER, objective, list(unet.parameters()))
 
 
+def build_embedded(device: torch.device, seed: int) -> Backbone:
+    from sdo_lightning.backbones import DigitsBackbone
+    from sdo_lightning.objectives import ClassifierObjective
+
+    backbone = DigitsBackbone().to(device)
+    classifier = ClassifierObjective(target_class=7).to(device)
+    cond = torch.full((1,), DigitsBackbone.NULL_CLASS, dtype=torch.long, device=device)
+
+    def objective(x0: Tensor) -> Tensor:
+        return classifier(backbone.decode(x0), {}).sum()
+
+    modules = tuple(DigitsBackbone.lora_target_modules)
+    trainable = [p for name, p in backbone.unet.named_parameters()
+                 if name.endswith(tuple(f"{m}.weight" for m in modules))]
+    return Backbone("embedded", backbone.unet, backbone.denoise, cond, (1, *backbone.latent_shape),
+                    backbone.scheduler_config, objective, trainable, modules)
+
+
+def _sd_vae() -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+
+
+def _attention_weights(network: nn.Module) -> list[nn.Parameter]:
+    return [
+        p
+        for name, p in network.named_parameters()
+        if (".attn1." in name or ".attn2." in name)
+        and name.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))
+    ]
+
+
+def build_pixart(device: torch.device, seed: int, latent_size: int, guidance: float) -> Backbone:
+    from diffusers import PixArtTransformer2DModel
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(seed)
+    # PixArt-XL-2-512x512's transformer config (learned sigma: 8 output channels).
+    net = PixArtTransformer2DModel(
+        sample_size=64, num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4,
+        out_channels=8, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
+        norm_type="ada_norm_single", use_additional_conditions=False,
+    )
+    vae = _sd_vae()
+    net = nn.Module.to(net, device=device, dtype=dtype).eval()
+    vae = nn.Module.to(vae, device=device, dtype=dtype).eval().requires_grad_(False)
+    gen = torch.Generator(device).manual_seed(seed + 1)
+    text = torch.randn(2, 120, 4096, device=device, generator=gen).to(dtype)  # [uncond, cond]
+    mask = torch.ones(2, 120, device=device)
+    shape = (1, 4, latent_size, latent_size)
+    weights = torch.randn(1, 3, latent_size * 8, latent_size * 8, device=device, generator=gen)
+
+    def denoiser(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        x_in = torch.cat([x, x]).to(dtype)
+        out = net(x_in, encoder_hidden_states=cond, timestep=t.expand(2).to(device), encoder_attention_mask=mask,
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        eps = out[:, :4].to(x.dtype)  # the other half is the learned variance
+        uncond, text_out = eps.chunk(2)
+        return uncond + guidance * (text_out - uncond)
+
+    def objective(latents: Tensor) -> Tensor:
+        image = vae.decode((latents / 0.18215).to(dtype)).sample
+        return (image.float() * weights).mean()
+
+    scheduler = {**SD_SCHEDULER, "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001}
+    return Backbone("pixart", net, denoiser, text, shape, scheduler, objective, _attention_weights(net))
+
+
+def add_adapters(bb: Backbone, seed: int) -> None:
+    """A rank-4 LoRA on ``bb.lora_modules`` with small random B (so the adapters act), folding ready."""
+    from sdo_lightning.lora import AdapterFolding, add_lora
+
+    bb.lora_params = add_lora(bb.unet, LORA_RANK, LORA_RANK, list(bb.lora_modules))
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for p in bb.lora_params:
+            p.copy_(0.01 * torch.randn(p.shape, generator=gen))
+    bb.folding = AdapterFolding(bb.unet)
+    set_adapters(bb, "off")
+
+
+def set_adapters(bb: Backbone, state: str) -> None:
+    """``off``: base model only (the floor); ``plain``: peft layers in every call; ``folded``:
+    adapters folded into weight copies for no-grad calls (after a refresh)."""
+    if bb.folding is None:
+        return
+    bb.folding.fold(False)
+    for layer in bb.folding.layers:
+        layer._disable_adapters = state == "off"
+    if state == "folded":
+        bb.folding.refresh()
+
+
 def build_sd15(device: torch.device, seed: int, latent_size: int, guidance: float) -> Backbone:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -141,16 +266,7 @@ def build_sd15(device: torch.device, seed: int, latent_size: int, guidance: floa
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-    )
+    vae = _sd_vae()
     # nn.Module.to: diffusers' own .to(dtype) warns about from_pretrained, which is not used here
     unet = nn.Module.to(unet, device=device, dtype=dtype).eval()
     vae = nn.Module.to(vae, device=device, dtype=dtype).eval()
@@ -175,13 +291,7 @@ def build_sd15(device: torch.device, seed: int, latent_size: int, guidance: floa
         image = vae.decode((latents / 0.18215).to(dtype)).sample
         return (image.float() * weights).mean()
 
-    trainable = [
-        p
-        for name, p in unet.named_parameters()
-        if (".attn1." in name or ".attn2." in name)
-        and name.endswith(("to_q.weight", "to_k.weight", "to_v.weight", "to_out.0.weight"))
-    ]
-    return Backbone("sd15", unet, denoiser, cond, shape, SD_SCHEDULER, objective, trainable)
+    return Backbone("sd15", unet, denoiser, cond, shape, SD_SCHEDULER, objective, _attention_weights(unet))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,8 +392,17 @@ def one_run(bb: Backbone, solver: Any, mode_name: str, target: str, x_T: Tensor,
     mode = MODES[mode_name][0]()
     x = x_T.clone().requires_grad_(target == "latent")
     tgt = Target.latent() if target == "latent" else Target.parameters()
+    denoiser = bb.denoiser
+    if target == "lora":
+        set_adapters(bb, "folded")  # re-fold after the (notional) last update: part of a step's cost
+        folding, plain = bb.folding, bb.denoiser
+
+        def denoiser(x: Tensor, t: Tensor, cond: Any) -> Tensor:
+            folding.fold(not torch.is_grad_enabled())  # the kept call runs through the adapters
+            return plain(x, t, cond)
+
     x0 = sample(
-        bb.denoiser,
+        denoiser,
         solver,
         x,
         bb.cond,
@@ -293,11 +412,18 @@ def one_run(bb: Backbone, solver: Any, mode_name: str, target: str, x_T: Tensor,
         plan_generator=plan_generator,
         scheduler_config=bb.scheduler_config,
     )
+    if bb.folding is not None:
+        bb.folding.fold(False)
     loss = bb.objective(x0)
     loss.backward()
     if target == "latent":
         return x.grad.detach().float().norm()
-    return torch.stack([p.grad.float().norm() for p in bb.trainable if p.grad is not None]).norm()
+    return torch.stack([p.grad.float().norm() for p in trained(bb, target) if p.grad is not None]).norm()
+
+
+def trained(bb: Backbone, target: str) -> list[nn.Parameter]:
+    """The tensors a weights target differentiates."""
+    return bb.lora_params if target.startswith("lora") else bb.trainable
 
 
 @dataclass
@@ -314,18 +440,20 @@ def timed_run(bb: Backbone, solver: Any, mode_name: str, target: str, x_T: Tenso
     for p in bb.unet.parameters():
         p.requires_grad_(False)
         p.grad = None
-    if target == "parameters" and mode_name != "sampling":
-        for p in bb.trainable:
+    if target in _WEIGHTS and mode_name != "sampling":
+        for p in trained(bb, target):
             p.requires_grad_(True)
+    set_adapters(bb, "plain" if target.startswith("lora") else "off")
     with PeakMemory(device) as mem:
         sync(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         gnorm = one_run(bb, solver, mode_name, target, x_T, seed)
         sync(device)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    set_adapters(bb, "off")
     if warn and gnorm is not None and not (torch.isfinite(gnorm) and gnorm > 0):
         log(f"  WARNING: {mode_name}/{target}: gradient norm is {float(gnorm)}")
-    for p in bb.unet.parameters():
+    for p in [*bb.unet.parameters(), *(bb.lora_params or [])]:
         p.requires_grad_(False)
         p.grad = None
     return Run(elapsed, cpu, mem.mib, mem.method)
@@ -368,9 +496,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--backbone",
         nargs="+",
-        choices=["tiny", "sd15"],
+        choices=["tiny", "embedded", "sd15", "pixart"],
         default=None,
-        help="backbones to run (default: tiny, plus sd15 when CUDA is available)",
+        help="backbones to run (default: tiny, plus sd15 and pixart when CUDA is available)",
     )
     parser.add_argument(
         "--solvers", nargs="+", choices=list(SOLVERS), default=["DDIM"], help="solvers (default: DDIM)"
@@ -391,14 +519,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch CPU threads (default 1: on a shared 2-core machine 2 OpenMP threads ran 10x slower)",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--include-full-sd", action="store_true", help="also run full backprop on sd15 (~78 GB)")
+    parser.add_argument("--include-full-sd", action="store_true",
+                        help="also run plain full backprop on sd15/pixart (tens of GB)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the denoiser (nn.Module.compile; first runs include compilation: use --warmup)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last weights for the denoiser")
     parser.add_argument(
         "--sd-latent-size",
         type=int,
         default=64,
-        help="sd15 latent side (default 64 = 512 px images); smaller only for smoke tests",
+        help="sd15/pixart latent side (default 64 = 512 px images); smaller only for smoke tests",
     )
-    parser.add_argument("--guidance", type=float, default=7.5, help="sd15 CFG scale (default 7.5)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="sd15 CFG scale (default 7.5; pixart uses 4.5)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a markdown table")
     args = parser.parse_args(argv)
@@ -416,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    backbones = args.backbone or (["tiny", "sd15"] if device.type == "cuda" else ["tiny"])
+    backbones = args.backbone or (["tiny", "sd15", "pixart"] if device.type == "cuda" else ["tiny"])
     log(f"device: {device_name}, threads: {torch.get_num_threads()}, torch {torch.__version__}")
 
     rows: list[dict[str, Any]] = []
@@ -425,15 +557,26 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         if bb_name == "tiny":
             bb = build_tiny(device, args.seed)
+        elif bb_name == "embedded":
+            bb = build_embedded(device, args.seed)
+        elif bb_name == "pixart":
+            bb = build_pixart(device, args.seed, args.sd_latent_size, 4.5)
         else:
             bb = build_sd15(device, args.seed, args.sd_latent_size, args.guidance)
+        if any(t.startswith("lora") for t in args.targets):
+            add_adapters(bb, args.seed)
+        if args.channels_last or args.compile:
+            from sdo_lightning.backbones import _speed_up
+
+            _speed_up(bb.unet, args.compile, args.channels_last)
         log(f"[{bb_name}] built in {time.perf_counter() - t0:.1f}s; {len(bb.trainable)} trainable tensors "
             f"({sum(p.numel() for p in bb.trainable) / 1e6:.2f}M weights) for the parameters target")
         x_T = torch.randn(bb.latent_shape, device=device, generator=torch.Generator(device).manual_seed(args.seed))
         for solver_name in args.solvers:
             steps = min(args.steps, 8) if solver_name == "LCMMultistep" else args.steps
             solver = SOLVERS[solver_name](num_inference_steps=steps)
-            common = {"backbone": bb_name, "device": device_name, "solver": solver_name, "steps": steps}
+            common = {"backbone": bb_name, "device": device_name, "solver": solver_name, "steps": steps,
+                      "compile": args.compile, "channels_last": args.channels_last}
 
             log(f"[{bb_name} {solver_name} N={steps}]")
             for r in range(args.warmup):
@@ -445,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
                 all_bases += [timed_run(bb, solver, "sampling", "-", x_T, args.seed + r, warn=False)
                               for r in range(args.repeats)]
             for target, mode_name in jobs:
-                if bb_name == "sd15" and mode_name == "full" and not args.include_full_sd:
+                if bb_name in ("sd15", "pixart") and mode_name == "full" and not args.include_full_sd:
                     log(f"  {mode_name}/{target}: skipped on sd15 (pass --include-full-sd)")
                     continue
                 runs, bases = measure_row(bb, solver, mode_name, target, x_T, args)
