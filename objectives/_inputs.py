@@ -31,18 +31,19 @@ def as_rgb(images: Tensor) -> Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
-def resize_center_crop(images: Tensor, crop: int, resize: int | None = None) -> Tensor:
+def resize_center_crop(images: Tensor, crop: int, resize: int | None = None, mode: str = "bicubic") -> Tensor:
     """Resize so the short side is ``resize`` (default ``crop``), then center-crop ``crop x crop``.
 
     The tensor version of the usual eval transform (``Resize(resize)`` + ``CenterCrop(crop)``):
-    bicubic with antialiasing, so a downscale averages like PIL's instead of aliasing.
+    ``mode`` is ``"bicubic"`` or ``"bilinear"``, with antialiasing, so a downscale averages like
+    PIL's instead of aliasing.
     """
     resize = crop if resize is None else resize
     h, w = images.shape[-2:]
     scale = resize / min(h, w)
     size = (max(crop, round(h * scale)), max(crop, round(w * scale)))
     if size != (h, w):
-        images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+        images = F.interpolate(images, size=size, mode=mode, align_corners=False, antialias=True)
     top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
     return images[..., top:top + crop, left:left + crop]
 

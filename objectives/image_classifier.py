@@ -34,6 +34,11 @@ def _file_state(weights: str, model: str) -> dict[str, Tensor]:
     return state
 
 
+def _interpolation(name: str) -> str:
+    """The tensor resize mode closest to a torchvision / timm interpolation name."""
+    return "bilinear" if str(name) == "bilinear" else "bicubic"
+
+
 def _load_into(net: nn.Module, state: dict[str, Tensor], weights: str, model: str) -> None:
     try:
         net.load_state_dict(state)
@@ -50,7 +55,8 @@ def torchvision_classifier(name: str, weights: str | None) -> tuple[nn.Module, d
     except ImportError:
         raise ModuleNotFoundError(f"ImageClassifierObjective needs torchvision for 'torchvision/{name}'; install it "
                                   "with `pip install torchvision` (the build matching your torch).") from None
-    config: dict[str, Any] = {"crop": DEFAULT_CROP, "resize": DEFAULT_RESIZE, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    config: dict[str, Any] = {"crop": DEFAULT_CROP, "resize": DEFAULT_RESIZE, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                              "interpolation": "bilinear"}
     if weights is not None and _is_file_path(weights):
         state = _file_state(weights, f"torchvision/{name}")
         net = models.get_model(name, weights=None)
@@ -78,6 +84,7 @@ def torchvision_classifier(name: str, weights: str | None) -> tuple[nn.Module, d
     config.update({k: first(getattr(transform, a)) for k, a in (("crop", "crop_size"), ("resize", "resize_size"))
                    if hasattr(transform, a)})
     config.update({k: tuple(getattr(transform, k)) for k in ("mean", "std") if hasattr(transform, k)})
+    config["interpolation"] = _interpolation(getattr(getattr(transform, "interpolation", None), "value", "bilinear"))
     return net, config
 
 
@@ -109,6 +116,7 @@ def timm_classifier(name: str, weights: str | None) -> tuple[nn.Module, dict[str
         "resize": math.floor(crop / cfg.get("crop_pct", DEFAULT_CROP / DEFAULT_RESIZE)),
         "mean": tuple(cfg.get("mean", IMAGENET_MEAN)),
         "std": tuple(cfg.get("std", IMAGENET_STD)),
+        "interpolation": _interpolation(cfg.get("interpolation", "bicubic")),
     }
 
 
@@ -166,13 +174,15 @@ class ImageClassifierObjective(Objective):
         self.resize = resize_size or (config["resize"] if image_size is None else image_size)
         self.mean = tuple(mean or config["mean"])
         self.std = tuple(std or config["std"])
+        self.interpolation = config["interpolation"]
         self.target_class = target_class
         self.untargeted = untargeted
         self.label_key = label_key
 
     def preprocess(self, images: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` in [0, 1] -> classifier inputs, differentiably."""
-        return normalize(resize_center_crop(as_rgb(images), self.crop, self.resize), self.mean, self.std)
+        resized = resize_center_crop(as_rgb(images), self.crop, self.resize, self.interpolation)
+        return normalize(resized, self.mean, self.std)
 
     def logits(self, images: Tensor) -> Tensor:
         dtype = next(self.classifier.parameters()).dtype

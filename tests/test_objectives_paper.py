@@ -32,6 +32,7 @@ from tiny_objective_models import (
     TinyClassifier,
     TinyOpenCLIP,
     aesthetic_state,
+    build_tiny_clip_vision,
     install_fake_open_clip,
     install_fake_timm,
     install_fake_torchvision,
@@ -236,6 +237,26 @@ def test_style_loss_matches_hand_gram(tiny_clip, clip_model, style_png, layer):
         torch.testing.assert_close(objective(ref, {}), torch.zeros(1, dtype=torch.float64), rtol=0, atol=1e-12)
 
 
+def test_style_loss_on_a_vision_only_model(tmp_path):
+    """A CLIPVisionModel directory; 9 patch tokens of width 12, so normalizing by the wrong one shows."""
+    from transformers import CLIPVisionModel
+
+    root = build_tiny_clip_vision(tmp_path / "vision")
+    pixels = np.random.default_rng(2).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    np.save(tmp_path / "style.npy", pixels)
+    objective = CLIPStyleLoss(str(root), reference=str(tmp_path / "style.npy"), layer=2).double()
+    model = CLIPVisionModel.from_pretrained(root).double().eval()
+    ref = torch.from_numpy(pixels).double().permute(2, 0, 1)[None] / 255
+    x = rand(2, 3, 24, 24, seed=28)
+    with torch.no_grad():
+        def grams(img):
+            tokens = model(pixel_values=(img - CLIP_MEAN) / CLIP_STD, output_hidden_states=True).hidden_states[2][:, 1:]
+            assert tokens.shape[1:] == (9, 12)
+            return torch.einsum("bnd,bne->bde", tokens, tokens) / 9
+        expected = ((grams(x) - grams(ref)) ** 2).sum((1, 2))
+        torch.testing.assert_close(objective(x, {}), expected, rtol=1e-9, atol=0)
+
+
 def test_style_loss_gradient_and_independence(tiny_clip, style_png):
     objective = CLIPStyleLoss(str(tiny_clip), reference=str(style_png[0]), layer=2).double()
     check_gradient(lambda x: objective(x, {}), rand(2, 3, 32, 32, seed=9))
@@ -321,6 +342,7 @@ def test_torchvision_classifier_targeted_uses_weights_meta(monkeypatch):
     calls = install_fake_torchvision(monkeypatch, crop=16, resize=20)
     objective = ImageClassifierObjective("torchvision/tinynet", weights="IMAGENET1K_V1", target_class=2).double()
     assert calls[0][0] == "tinynet" and calls[0][1].name == "IMAGENET1K_V1"
+    assert (objective.crop, objective.resize, objective.interpolation) == (16, 20, "bilinear")
     x = rand(3, 3, 20, 20, seed=15)
     logits = classifier_logits(TinyClassifier(seed=7), x, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), crop=16)
     expected = -logits.log_softmax(-1)[:, 2]
@@ -361,6 +383,7 @@ def test_timm_classifier_pretrained_cfg_and_checkpoint(monkeypatch, tmp_path):
     calls = install_fake_timm(monkeypatch)
     objective = ImageClassifierObjective("timm/tinynet.in1k", target_class=1).double()
     assert calls == [("tinynet.in1k", True)]
+    assert (objective.crop, objective.resize, objective.interpolation) == (16, 20, "bicubic")
     x = rand(2, 3, 20, 20, seed=22)  # crop_pct 0.8 of 16 -> resize 20: only the center crop acts
     logits = classifier_logits(TinyClassifier(seed=11), x, (0.45, 0.5, 0.55), (0.3, 0.2, 0.25), crop=16)
     with torch.no_grad():
@@ -457,6 +480,68 @@ def test_hps_errors_are_one_sentence(monkeypatch, hps_checkpoint, tmp_path):
     assert_one_sentence(e)
     with pytest.raises(KeyError, match="no text"):
         HPSv2Score(str(hps_checkpoint[0]))(torch.rand(1, 3, 16, 16), {})
+
+
+# -- from YAML --------------------------------------------------------------------------------------
+
+CONFIG = """
+trainer: {{max_steps: 1, accelerator: cpu}}
+model:
+  class_path: LatentOptimization
+  init_args:
+    objective:
+{objective}
+    solver: {{class_path: DDIM, init_args: {{num_inference_steps: 2}}}}
+data: {{class_path: SampleSet, init_args: {{num_samples: 2, target: 7}}}}
+"""
+
+# The snippets of the report / README, with the tiny files' paths filled in.
+SNIPPETS = {
+    "clip+lpips": """
+      class_path: WeightedSum
+      init_args:
+        objectives:
+          - class_path: CLIPScore
+            init_args: {{model: {clip}, prompt: a smiling face}}
+          - class_path: LPIPSFidelity
+            init_args: {{vgg_weights: {vgg}, lpips_weights: {lin}, size: 64}}
+        weights: [0.7, 0.3]""",
+    "style": """
+      class_path: CLIPStyleLoss
+      init_args: {{model: {clip}, reference: {png}, layer: 2}}""",
+    "aesthetic": """
+      class_path: AestheticScore
+      init_args: {{mlp: {mlp}, model: {clip}, target: 10.0}}""",
+    "classifier": """
+      class_path: ImageClassifierObjective
+      init_args: {{model: torchvision/tinynet, weights: IMAGENET1K_V1, untargeted: true}}""",
+    "hps": """
+      class_path: HPSv2Score
+      init_args: {{checkpoint: {hps}, prompt: a painting of a cat}}""",
+}
+
+
+@pytest.mark.parametrize("snippet", list(SNIPPETS))
+def test_yaml_snippets_instantiate(snippet, tiny_weights, tiny_clip, lpips_files, style_png, tmp_path, monkeypatch):
+    from sdo_lightning.cli import main
+
+    install_fake_torchvision(monkeypatch)
+    install_fake_open_clip(monkeypatch)
+    files = {
+        "clip": tiny_clip, "vgg": lpips_files[0], "lin": lpips_files[1], "png": style_png[0],
+        "mlp": save(aesthetic_state("improved", dim=8), tmp_path / "mlp.pth"),
+        "hps": save({"state_dict": TinyOpenCLIP().state_dict()}, tmp_path / "HPS_v2_compressed.pt"),
+    }
+    (tmp_path / "config.yaml").write_text(CONFIG.format(objective=SNIPPETS[snippet].format(**files)))
+    monkeypatch.chdir(tmp_path)
+    cli = main(["--config", str(tmp_path / "config.yaml"), "--trainer.logger", "false"], run=False)
+    objective = cli.model.objective
+    expected = {"clip+lpips": "WeightedSum", "style": "CLIPStyleLoss", "aesthetic": "AestheticScore",
+                "classifier": "ImageClassifierObjective", "hps": "HPSv2Score"}[snippet]
+    assert type(objective).__name__ == expected
+    images = torch.rand(2, 1, 8, 8)  # what the digits model produces
+    loss = objective(images, {"initial_images": torch.rand(2, 1, 8, 8)})
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
 
 
 # -- registration ---------------------------------------------------------------------------------

@@ -81,7 +81,8 @@ def install_fake_torchvision(monkeypatch, crop=16, resize=20, mean=(0.5, 0.4, 0.
         DEFAULT = "v1"  # an alias, as torchvision's enums have
 
         def transforms(self):
-            return types.SimpleNamespace(crop_size=[crop], resize_size=[resize], mean=list(mean), std=list(std))
+            return types.SimpleNamespace(crop_size=[crop], resize_size=[resize], mean=list(mean), std=list(std),
+                                         interpolation=types.SimpleNamespace(value="bilinear"))
 
     def get_model_weights(name):
         if name != "tinynet":
@@ -185,3 +186,14 @@ def save(state, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
     return path
+
+
+def build_tiny_clip_vision(root: Path, seed: int = 0) -> Path:
+    """A vision-only transformers CLIPVisionModel whose token count (9 patches) differs from its width (12)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=12, intermediate_size=24, num_attention_heads=2, num_hidden_layers=3,
+                              image_size=24, patch_size=8)
+    CLIPVisionModel(config).save_pretrained(root)
+    return root
