@@ -103,8 +103,8 @@ def _load_failed(what: str, model: str, err: Exception) -> FileNotFoundError:
     if local:
         how = f"no diffusers pipeline is there: check the path, or download one into it with `hf download <hub id> --local-dir {model}`"
     else:
-        how = (f"it is not in the local cache and the hub could not be reached: fetch it with network access "
-               f"(`hf download {model}`) or give a local pipeline directory")
+        how = (f"it is not in the local cache and could not be fetched from the hub (offline, or no such repository): "
+               f"fetch it with network access (`hf download {model}`) or give a local pipeline directory")
     return FileNotFoundError(f"could not load the {what} from {model!r} ({type(err).__name__}); {how}.")
 
 

@@ -66,9 +66,8 @@ def test_pixart_missing_model_is_one_sentence(tmp_path):
     assert "hf download" in message and message.count(". ") == 0 and "\n" not in message
 
 
-def test_pixart_hub_id_offline_is_one_sentence(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+def test_pixart_hub_id_offline_is_one_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read by the backbone: local_files_only unset means offline
     with pytest.raises(FileNotFoundError, match=r"'PixArt-alpha/PixArt-XL-2-512x512'.*`hf download PixArt-alpha/PixArt-XL-2-512x512`"):
         PixArtAlphaBackbone("PixArt-alpha/PixArt-XL-2-512x512")
 
@@ -84,6 +83,24 @@ def test_pixart_sentencepiece_tokenizer_asks_for_sentencepiece(tiny_pixart, tmp_
     (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
     with pytest.raises(ImportError, match=r"`pip install sentencepiece`"):
         PixArtAlphaBackbone(str(root))
+
+
+def test_pixart_legacy_transformer2dmodel_config_loads(tiny_pixart, tmp_path):
+    """PixArt-alpha's hub repos name the transformer ``Transformer2DModel``; diffusers maps it to
+    PixArtTransformer2DModel, and the backbone must accept that layout."""
+    root = shutil.copytree(tiny_pixart, tmp_path / "legacy")
+    for path, edit in ((root / "model_index.json", lambda c: c.update(transformer=["diffusers", "Transformer2DModel"])),
+                       (root / "transformer" / "config.json", lambda c: c.update(_class_name="Transformer2DModel"))):
+        config = json.loads(path.read_text())
+        edit(config)
+        path.write_text(json.dumps(config))
+    legacy = PixArtAlphaBackbone(str(root), guidance_scale=2.0)
+    assert isinstance(legacy.transformer, PixArtTransformer2DModel)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor(100)
+    with torch.no_grad():
+        cond = legacy.encode_condition({"prompt": ["a cat"]})
+        torch.testing.assert_close(legacy.denoise(x, t, cond),
+                                   PixArtAlphaBackbone(str(tiny_pixart), guidance_scale=2.0).denoise(x, t, cond))
 
 
 def test_pixart_cfg_denoise_matches_hand_written_call(tiny_pixart):
