@@ -101,7 +101,8 @@ def _load_failed(what: str, model: str, err: Exception) -> FileNotFoundError:
     id that is neither cached nor reachable."""
     local = model.startswith((".", "~")) or Path(model).is_absolute() or model.count("/") > 1
     if local:
-        how = f"no diffusers pipeline is there: check the path, or download one into it with `hf download <hub id> --local-dir {model}`"
+        how = ("no diffusers pipeline is there: check the path, or download one into it with "
+               f"`hf download <hub id> --local-dir {model}`")
     else:
         how = (f"it is not in the local cache and could not be fetched from the hub (offline, or no such repository): "
                f"fetch it with network access (`hf download {model}`) or give a local pipeline directory")
@@ -192,7 +193,9 @@ class PixelUNetBackbone(Backbone):
         old = self.unet.class_embedding
         self.class_conditional = old is not None
         if null_class is not None and not self.class_conditional:
-            raise ValueError(f"the UNet in {model} is not class-conditional (num_class_embeds is unset); leave null_class unset.")
+            raise ValueError(
+                f"the UNet in {model} is not class-conditional (num_class_embeds is unset); leave null_class unset."
+            )
         if guidance_scale != 1.0 and null_class is None:
             raise ValueError(
                 "classifier-free guidance needs a class-conditional UNet and its null_class (the label trained "
@@ -306,7 +309,8 @@ class TextCondition:
     negative_mask: Tensor | None = None
 
     def _map(self, fn: Any) -> "TextCondition":
-        return TextCondition(*(None if v is None else fn(v) for v in (self.embeds, self.negative_embeds, self.mask, self.negative_mask)))
+        fields = (self.embeds, self.negative_embeds, self.mask, self.negative_mask)
+        return TextCondition(*(None if v is None else fn(v) for v in fields))
 
     def __getitem__(self, index: Tensor) -> "TextCondition":
         return self._map(lambda v: v[index])
@@ -541,7 +545,9 @@ class PixArtAlphaBackbone(Backbone):
         height, width = height or native, width or native
         multiple = self.vae_scale * cfg.patch_size
         if height % multiple or width % multiple:
-            raise ValueError(f"height and width must be multiples of {multiple} (VAE factor x patch size), got {height}x{width}.")
+            raise ValueError(
+                f"height and width must be multiples of {multiple} (VAE factor x patch size), got {height}x{width}."
+            )
         self.latent_shape = (cfg.in_channels, height // self.vae_scale, width // self.vae_scale)
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt

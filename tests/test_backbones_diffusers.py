@@ -68,8 +68,9 @@ def test_pixart_missing_model_is_one_sentence(tmp_path):
 
 def test_pixart_hub_id_offline_is_one_sentence(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read by the backbone: local_files_only unset means offline
-    with pytest.raises(FileNotFoundError, match=r"'PixArt-alpha/PixArt-XL-2-512x512'.*`hf download PixArt-alpha/PixArt-XL-2-512x512`"):
-        PixArtAlphaBackbone("PixArt-alpha/PixArt-XL-2-512x512")
+    hub_id = "PixArt-alpha/PixArt-XL-2-512x512"
+    with pytest.raises(FileNotFoundError, match=rf"'{hub_id}'.*`hf download {hub_id}`"):
+        PixArtAlphaBackbone(hub_id)
 
 
 @pytest.mark.skipif(find_spec("sentencepiece") is not None, reason="sentencepiece is installed")
@@ -137,7 +138,8 @@ def test_pixart_size_conditions_of_1024_models(tmp_path):
     x, t = torch.randn(1, 4, 8, 12), torch.tensor(300)
     with torch.no_grad():
         def eps(height, width):
-            sizes = {"resolution": torch.tensor([[float(height), float(width)]]), "aspect_ratio": torch.tensor([[height / width]])}
+            sizes = {"resolution": torch.tensor([[float(height), float(width)]]),
+                     "aspect_ratio": torch.tensor([[height / width]])}
             return transformer(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t[None],
                                added_cond_kwargs=sizes).sample[:, :4]
 
