@@ -1,41 +1,174 @@
 """The ``sdo`` command: a LightningCLI, plus ``sdo plugins``.
 
     sdo fit --config configs/quickstart.yaml      # optimize (LightningCLI's fit)
+    sdo fit --config ... --ckpt_path last         # resume from the newest checkpoint of the runs
     sdo fit --help / --print_config               # every option, from the docstrings
     sdo plugins                                   # registered objectives, solvers, gradient modes
     sdo mix --adapters DIR [DIR ...] --scales 0 0.5 1   # sample with LoRA adapters at several scales
+
+Mistakes in a config or on the command line end in one line saying what was wrong and what is
+accepted (``SDO_VERBOSE_ERRORS=1`` shows the parser's full message, or the traceback).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from jsonargparse import lazy_instance
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from sdo_lightning import registry
+from sdo_lightning.callbacks import InterruptCheckpoint
+
+VERBOSE_ENV = "SDO_VERBOSE_ERRORS"
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_steps": 50,
     "log_every_n_steps": 1,
     "num_sanity_val_steps": 0,
     "enable_model_summary": False,
-    # tqdm counts optimizer steps plainly (rich shows "Epoch 0/-2" when only max_steps is set)
-    "callbacks": [lazy_instance(TQDMProgressBar)],
     "logger": lazy_instance(TensorBoardLogger, save_dir="runs"),
 }
+#: optimizer steps between the default checkpoints (a killed run loses at most this many)
+CHECKPOINT_EVERY_N_STEPS = 25
+
+
+def default_callbacks(configured: list[Any], trainer_config: dict[str, Any]) -> list[Any]:
+    """Fresh callbacks every ``sdo fit`` adds, unless the config has its own of the same kind or
+    turns that kind off: a tqdm bar (it counts optimizer steps plainly), a ModelCheckpoint every
+    25 steps with ``last.ckpt`` (resume with ``--ckpt_path last``) and :class:`InterruptCheckpoint`
+    (Ctrl-C writes ``interrupted.ckpt``)."""
+    has = lambda kind: any(isinstance(c, kind) for c in configured)  # noqa: E731
+    out: list[Any] = []
+    if trainer_config.get("enable_progress_bar") is not False and not has(ProgressBar):
+        out.append(TQDMProgressBar())
+    if trainer_config.get("enable_checkpointing") is not False and not has(ModelCheckpoint):
+        out.append(ModelCheckpoint(every_n_train_steps=CHECKPOINT_EVERY_N_STEPS, save_last=True))
+    if not has(InterruptCheckpoint):
+        out.append(InterruptCheckpoint())
+    return out
+
+#: parameter name -> (what it is, the registry kind or a callable listing the known class names)
+_KINDS: dict[str, tuple[str, Any]] = {
+    "objective": ("objective", "objectives"),
+    "held_out_objective": ("objective", "objectives"),
+    "objectives": ("objective", "objectives"),
+    "solver": ("solver", "solvers"),
+    "gradient_mode": ("gradient mode", "gradient_modes"),
+}
+# lines of jsonargparse's nested messages that only say where the problem is, not what it is
+_WRAPPERS = re.compile(
+    r"^(- )?(Parser key|Does not validate against|Subtypes:|Errors:|Problem with given class_path|"
+    r"Expected a <class 'NoneType'>|Given value type:|Given value:|Not a valid subclass of)"
+)
+
+
+def _subclass_names(base: type) -> list[str]:
+    out, todo = set(), [base]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            if not sub.__name__.startswith(("_", "LazyInstance_")) and not getattr(sub, "__abstractmethods__", None):
+                out.add(sub.__name__)
+    return sorted(out)
+
+
+def _known(key: str) -> tuple[str, list[str]] | None:
+    from sdo_lightning.backbones import Backbone
+    from sdo_lightning.contracts import REGISTRY
+
+    last = key.rsplit(".", 1)[-1]
+    last = re.sub(r"\[\d+\]$", "", last)
+    if last in _KINDS:
+        what, kind = _KINDS[last]
+        return what, sorted(REGISTRY[kind])
+    if last == "backbone":
+        return "backbone", _subclass_names(Backbone)
+    if key == "model":
+        return "module", ["LatentOptimization", "RewardFineTuning"]
+    if key == "data":
+        return "data module", ["PromptSet", "SampleSet"]
+    return None
+
+
+def short_error(message: str) -> str:
+    """One line from jsonargparse's nested parser message: where, what, and what is accepted."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    key = ".".join(keys)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    leaves = [line.lstrip("- ").strip() for line in lines if not _WRAPPERS.match(line)]
+    leaf = leaves[0] if leaves else (lines[0] if lines else message)
+    unknown = re.search(r"Expected a path but (\S+) either not accessible|Expected a dot import path string: (\S+)|"
+                        r"Problem with given class_path '([^']+)':\s*\n\s*(?:- )?(?:Import|No module)", message)
+    if unknown and key:
+        name = next(g for g in unknown.groups() if g)
+        known = _known(key)
+        if known is not None:
+            what, names = known
+            return (f"{key}: {name!r} is not a known {what}; known: {', '.join(names)} "
+                    "(or give a full class path, e.g. my_package.MyClass).")
+    accepted = re.search(r"Option '([^']+)' is not accepted", leaf)
+    if accepted:
+        return f"{key + ': ' if key else ''}option {accepted.group(1)!r} is not accepted; see `sdo fit --help` for the options."
+    return f"{key + ': ' if key else ''}{leaf}"
+
+
+class SDOArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser with one-line error messages."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        # nested parsers (exit_on_error False) raise for the outer one to collect: leave theirs whole
+        if self.exit_on_error and os.environ.get(VERBOSE_ENV, "").lower() not in ("1", "true", "yes"):
+            message = short_error(message)
+        super().error(message, ex)
+
+
+def _newest_checkpoint(roots: list[Path]) -> Path | None:
+    found = [p for root in roots if root.is_dir() for p in root.rglob("*.ckpt") if p.is_file()]
+    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt")) if found else None
 
 
 class SDOCLI(LightningCLI):
-    """LightningCLI with the project's modules and plugins importable by class name."""
+    """LightningCLI with the project's modules and plugins importable by class name, one-line
+    errors, checkpoints every 25 steps and on Ctrl-C, and ``--ckpt_path last`` that finds the
+    newest checkpoint of earlier runs (or says there is none) instead of silently starting over."""
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        # LightningCLI appends trainer_defaults["callbacks"] to every trainer: make them fresh
+        # instances (a reused ModelCheckpoint keeps its first run's directory) that respect the config
+        configured = list(config.get("callbacks") or []) + list(callbacks)
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": default_callbacks(configured, config)}
+        return super()._instantiate_trainer(config, callbacks)
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        roots = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        logger = self.trainer.logger
+        root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None)
+        roots.append(Path(root) if root else Path(self.trainer.default_root_dir))
+        newest = _newest_checkpoint(roots)
+        if newest is None:
+            raise FileNotFoundError(
+                f"--ckpt_path last: no checkpoint (*.ckpt) under {', '.join(map(str, roots))}; give --ckpt_path PATH, "
+                "or drop it to start a new run."
+            )
+        rank_zero_info(f"Resuming from {newest}")
+        config["ckpt_path"] = str(newest)
 
 
 def _import_modules() -> None:
     # Importing registers the LightningModules and data modules for short class names in YAML.
+    import sdo_lightning.callbacks  # noqa: F401
     import sdo_lightning.data  # noqa: F401
     import sdo_lightning.latent_optimization  # noqa: F401
     import sdo_lightning.reward_finetuning  # noqa: F401
@@ -64,12 +197,29 @@ def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        parser_class=SDOArgumentParser,
     )
 
 
+#: errors the project raises for bad input, each with a one-sentence message
+CLEAN_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError)
+
+
 def console_main() -> None:
-    """Entry point of the ``sdo`` console script (returns nothing, so nothing is printed)."""
-    main()
+    """Entry point of the ``sdo`` console script (returns nothing, so nothing is printed).
+
+    Bad input (a missing model, a wrong value, a non-finite loss with ``on_nonfinite: stop``)
+    ends with ``error: <one sentence>`` and exit status 1; set ``SDO_VERBOSE_ERRORS=1`` for the
+    traceback. Anything else is a bug and shows its traceback.
+    """
+    try:
+        main()
+    except CLEAN_ERRORS as err:
+        if os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes"):
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        sys.stderr.write(f"error: {type(err).__name__}: {message}\n(set {VERBOSE_ENV}=1 for the traceback)\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ class LatentOptimization(OptimizationModule):
         return [torch.Generator(device).manual_seed(self.seed * 100003 + 17 + 7919 * i) for i in index.tolist()]
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.variable is not None:
             return
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -249,8 +250,10 @@ class LatentOptimization(OptimizationModule):
         # Times the number of processes: DDP averages gradients, and each sample lives on one process.
         return losses.sum() * self.world[1]
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # After the optimizer step: project the variable back onto its constraint set.
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Right after the update (before any callback, e.g. a checkpoint, sees the variable):
+        # project the variable back onto its constraint set.
         with torch.no_grad():
             if self.linf_radius is not None:
                 self.variable.clamp_(-self.linf_radius, self.linf_radius)
@@ -280,8 +283,7 @@ class LatentOptimization(OptimizationModule):
             diff = (self.best_images - self.initial_images).flatten(1)
             summary["l2_to_unoptimized"] = diff.norm(dim=1).mean().item()
             summary["rms_to_unoptimized"] = diff.pow(2).mean(1).sqrt().mean().item()
-        # trainer.log_dir is a collective under DDP: every process asks, process 0 writes
-        self._write_results(summary, Path(self.trainer.log_dir or self.trainer.default_root_dir))
+        self._write_results(summary, self.log_dir)
 
     @rank_zero_only
     def _write_results(self, summary: dict[str, Any], log_dir: Path) -> None:

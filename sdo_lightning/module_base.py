@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -63,6 +64,20 @@ class OptimizationModule(LightningModule):
         self.skipped_steps = 0
         self._nonfinite_loss = False
         self.strict_loading = False  # checkpoints hold the trainable state only
+
+    # -- the log directory ------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # trainer.log_dir is a collective under DDP: ask on every process, once
+        self._log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    @property
+    def log_dir(self) -> Path | None:
+        """The run's log directory (where results, adapters and interrupted checkpoints go)."""
+        if getattr(self, "_log_dir", None) is not None:
+            return self._log_dir
+        if self._trainer is None:
+            return None
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
     # -- processes -----------------------------------------------------------------------------
     @property
@@ -132,14 +147,36 @@ class OptimizationModule(LightningModule):
         for name, value in objective.terms.items():
             self.log(f"train/{name}", value.float().mean(), prog_bar=name.endswith("prob"))
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The gradient mode draws from the plan generator in every micro-batch; a checkpoint
+        # written mid-step (Ctrl-C) must hold the state the step started from, since the step is
+        # redone on resume.
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
+        if (progress.ready - 1) % self.trainer.accumulate_grad_batches == 0:
+            self._plan_state_at_step_start = self._plan_generator.get_state()
+
+    def _plan_state_to_save(self) -> Tensor:
+        snapshot = getattr(self, "_plan_state_at_step_start", None)
+        if self._trainer is None or snapshot is None:
+            return self._plan_generator.get_state()
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
+        mid_step = progress.started > progress.processed or progress.processed % self.trainer.accumulate_grad_batches
+        return snapshot if mid_step else self._plan_generator.get_state()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         for key in [k for k in state if not self.is_trainable_key(k)]:
             del state[key]
-        checkpoint["plan_generator_state"] = self._plan_generator.get_state()
+        checkpoint["plan_generator_state"] = self._plan_state_to_save()
         checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        if state and not any(self.is_trainable_key(k) and k in self.state_dict() for k in state):
+            raise ValueError(
+                f"the checkpoint holds no state of this {type(self).__name__} (keys like {sorted(state)[:3]}); "
+                "is it from another run or module? Give --ckpt_path the checkpoint of this run."
+            )
         if "plan_generator_state" in checkpoint:
             self._plan_generator.set_state(checkpoint["plan_generator_state"])
         self.skipped_steps = checkpoint.get("skipped_steps", 0)

@@ -95,6 +95,7 @@ class RewardFineTuning(OptimizationModule):
 
     # -- precision: adapters stay fp32 whatever the Trainer does to the base weights ------------
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         check_solver_fits_backbone(self.solver, self.backbone)
 
     def on_fit_start(self) -> None:
@@ -203,12 +204,12 @@ class RewardFineTuning(OptimizationModule):
     def export_adapter(self, directory: str | Path | None = None) -> Path | None:
         """Write the adapter (``<log dir>/lora`` by default) in the backbone's LoRA format.
 
-        Under DDP call it on every process (``trainer.log_dir`` is a collective); process 0 writes.
+        Under DDP process 0 writes.
         """
         if directory is None:
-            if self._trainer is None:
+            if self.log_dir is None:
                 return None
-            directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "lora"
+            directory = self.log_dir / "lora"
         if self.global_rank != 0:
             return None
         return self.backbone.save_lora(directory)
