@@ -50,7 +50,7 @@ def build_tiny_sd(root: Path, lcm: bool = False, seed: int = 0) -> Path:
     return root
 
 
-def build_tiny_clip(root: Path, seed: int = 0) -> Path:
+def build_tiny_clip(root: Path, seed: int = 0, vision_layers: int = 2) -> Path:
     """A tiny random transformers CLIPModel with its tokenizer, saved in ``root``."""
     from transformers import CLIPConfig, CLIPModel
 
@@ -59,8 +59,8 @@ def build_tiny_clip(root: Path, seed: int = 0) -> Path:
     config = CLIPConfig(
         text_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
                          vocab_size=vocab, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
-                           image_size=32, patch_size=8),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                           num_hidden_layers=vision_layers, image_size=32, patch_size=8),
         projection_dim=8,
     )
     CLIPModel(config).save_pretrained(root)
