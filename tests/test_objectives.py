@@ -72,3 +72,35 @@ def test_registered_objectives_return_one_loss_per_sample(name):
     assert loss.shape == (3,)
     (grad,) = torch.autograd.grad(loss.sum(), x)
     assert torch.isfinite(grad).all()
+
+
+def _fd_check(fn, x, seed=0, h=1e-5, rtol=1e-4):
+    """The autograd directional derivative of sum(fn) equals a central difference (float64)."""
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=x.dtype)
+    x = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(fn(x).sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 0
+    expected = directional_fd(lambda y: fn(y).sum(), x.detach(), direction, h)
+    torch.testing.assert_close((grad * direction).sum(), expected, rtol=rtol, atol=1e-9)
+
+
+@pytest.mark.parametrize("augment", [0, 4])
+def test_classifier_objective_gradient_matches_finite_difference(augment):
+    objective = ClassifierObjective(target_class=7, augment=augment, noise_std=0.2).double()
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def fn(y):
+        torch.manual_seed(11)  # the same shifted, noised copies in every evaluation
+        return objective(y, {})
+
+    _fd_check(fn, x)
+
+
+def test_fidelity_and_weighted_sum_gradients_match_finite_differences():
+    init = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    _fd_check(lambda y: L2Fidelity()(y, {"initial_images": init}), x)
+    classifier = ClassifierObjective(target_class=2).double()
+    combined = WeightedSum([classifier, L2Fidelity()], [1.0, 0.3])
+    x16, init16 = torch.rand(2, 1, 16, 16, dtype=torch.float64), torch.rand(2, 1, 16, 16, dtype=torch.float64)
+    _fd_check(lambda y: combined(y, {"initial_images": init16}), x16, seed=1)
