@@ -12,9 +12,11 @@ accepted (``SDO_VERBOSE_ERRORS=1`` shows the parser's full message, or the trace
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -67,7 +69,8 @@ _KINDS: dict[str, tuple[str, Any]] = {
 # lines of jsonargparse's nested messages that only say where the problem is, not what it is
 _WRAPPERS = re.compile(
     r"^(- )?(Parser key|Does not validate against|Subtypes:|Errors:|Problem with given class_path|"
-    r"Expected a <class 'NoneType'>|Given value type:|Given value:|Not a valid subclass of)"
+    r"Expected a <class 'NoneType'>|Given value type:|Given value:|Subclass types expect one of:|a class path \(str\)|"
+    r"a dict with|a dict without)"
 )
 
 
@@ -115,6 +118,19 @@ def short_error(message: str) -> str:
             what, names = known
             return (f"{key}: {name!r} is not a known {what}; known: {', '.join(names)} "
                     "(or give a full class path, e.g. my_package.MyClass).")
+    known = _known(key) if key else None
+    choices = f"a class name ({', '.join(known[1])})" if known else "a class name"
+    not_subclass = re.search(r"Not a valid subclass of (\w+)(?:\. Got value: (.*))?", leaf)
+    if not_subclass:
+        got = f", got {not_subclass.group(2)}" if not_subclass.group(2) else ""
+        return (f"{key or 'value'}: expected {choices} or {{class_path: NAME, init_args: {{...}}}} for a "
+                f"{not_subclass.group(1)}{got}.")
+    if leaf.startswith("unhashable type"):
+        return f"{key or 'value'}: class_path must be {choices}, a string, with the arguments under init_args."
+    if re.match(r"'\w+' object has no attribute 'keys'", leaf):
+        classes = re.findall(r"Problem with given class_path '([^']+)'", message)
+        owner = classes[-1].rsplit(".", 1)[-1] if classes else "the class"
+        return f"{key or 'value'}: init_args of {owner} must be a mapping of argument names to values."
     accepted = re.search(r"Option '([^']+)' is not accepted", leaf)
     if accepted:
         return f"{key + ': ' if key else ''}option {accepted.group(1)!r} is not accepted; see `sdo fit --help` for the options."
@@ -131,6 +147,37 @@ class SDOArgumentParser(LightningArgumentParser):
         super().error(message, ex)
 
 
+def _admits_none(hint: Any) -> bool:
+    if hint is Any or hint is None or hint is type(None):
+        return True
+    return any(_admits_none(arg) for arg in typing.get_args(hint)) if typing.get_origin(hint) is not None else False
+
+
+def null_arguments(node: Any, key: str) -> list[str]:
+    """Dotted keys of the ``init_args`` set to null whose parameter type does not admit None
+    (jsonargparse lets ``null`` through for e.g. an ``int``; the class would then fail deep inside)."""
+    out: list[str] = []
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            out += null_arguments(item, f"{key}[{i}]")
+        return out
+    if not hasattr(node, "get") or not isinstance(node.get("class_path"), str):
+        return out
+    init_args = node.get("init_args")
+    try:
+        module, _, name = node["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - the parser reports unknown classes itself
+        return out
+    for arg, value in (vars(init_args).items() if init_args is not None and hasattr(init_args, "__dict__") else []):
+        if value is None and arg in hints and not _admits_none(hints[arg]):
+            out.append(f"{key}.{arg}")
+        elif value is not None:
+            out += null_arguments(value, f"{key}.{arg}")
+    return out
+
+
 def _newest_checkpoint(roots: list[Path]) -> Path | None:
     found = [p for root in roots if root.is_dir() for p in root.rglob("*.ckpt") if p.is_file()]
     return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt")) if found else None
@@ -140,6 +187,17 @@ class SDOCLI(LightningCLI):
     """LightningCLI with the project's modules and plugins importable by class name, one-line
     errors, checkpoints every 25 steps and on Ctrl-C, and ``--ckpt_path last`` that finds the
     newest checkpoint of earlier runs (or says there is none) instead of silently starting over."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        nulls = [k for part in ("model", "data") for k in null_arguments(config.get(part), part)]
+        trainer = config.get("trainer")
+        if trainer is not None:
+            fake = {"class_path": f"{self.trainer_class.__module__}.{self.trainer_class.__name__}", "init_args": trainer}
+            nulls += null_arguments(fake, "trainer")
+        if nulls:
+            self.parser.error(f"{nulls[0]}: null is not a value this argument takes; give a value or leave it out "
+                              "for the default.")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
         # LightningCLI appends trainer_defaults["callbacks"] to every trainer: make them fresh
@@ -202,7 +260,23 @@ def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
 
 
 #: errors the project raises for bad input, each with a one-sentence message
-CLEAN_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError)
+CLEAN_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, ImportError)
+
+
+def clean_message(err: BaseException) -> str | None:
+    """``"<Type>: <message>"`` for bad input, None for anything else (a bug, with a traceback).
+
+    jsonargparse wraps errors raised while it instantiates classes in a ValueError with a nested
+    message; the user's mistake is the innermost exception of the chain.
+    """
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
+    if not isinstance(err, CLEAN_ERRORS):
+        return None
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if "\n" in message.strip():
+        message = short_error(message)
+    return f"{type(err).__name__}: {message.strip()}"
 
 
 def console_main() -> None:
@@ -214,11 +288,11 @@ def console_main() -> None:
     """
     try:
         main()
-    except CLEAN_ERRORS as err:
-        if os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes"):
+    except Exception as err:
+        message = clean_message(err)
+        if message is None or os.environ.get(VERBOSE_ENV, "").lower() in ("1", "true", "yes"):
             raise
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        sys.stderr.write(f"error: {type(err).__name__}: {message}\n(set {VERBOSE_ENV}=1 for the traceback)\n")
+        sys.stderr.write(f"error: {message}\n(set {VERBOSE_ENV}=1 for the traceback)\n")
         sys.exit(1)
 
 

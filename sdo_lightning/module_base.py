@@ -122,18 +122,18 @@ class OptimizationModule(LightningModule):
         if self.trainer.world_size > 1:  # every process must take the same decision
             bad_loss = self.trainer.strategy.reduce_boolean_decision(bad_loss, all=False)
         if bad_loss or bad_grad:
-            what = " and ".join(w for w, bad in (("loss", bad_loss), ("gradient", bad_grad)) if bad)
+            what = "loss and gradient are" if bad_loss and bad_grad else "loss is" if bad_loss else "gradient is"
             step = self.trainer.global_step
             if self.on_nonfinite == "stop":
                 raise NonFiniteError(
-                    f"step {step}: the {what} is not finite (NaN or inf), so the fit stops before this step "
+                    f"step {step}: the {what} not finite (NaN or inf), so the fit stops before this step "
                     f"(on_nonfinite: stop); lower the learning rate, check the objective, or use on_nonfinite: skip."
                 )
             for p in params:
                 p.grad = None  # optimizers leave tensors without a gradient (and their state) alone
             self.skipped_steps += 1
             rank_zero_warn(
-                f"step {step}: the {what} is not finite (NaN or inf); skipped this optimizer step, the optimized "
+                f"step {step}: the {what} not finite (NaN or inf); skipped this optimizer step, the optimized "
                 f"tensors are unchanged ({self.skipped_steps} skipped so far; on_nonfinite: stop makes this an error)."
             )
             self.log("train/skipped_steps", float(self.skipped_steps))
