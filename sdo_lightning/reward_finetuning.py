@@ -97,6 +97,11 @@ class RewardFineTuning(OptimizationModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         check_solver_fits_backbone(self.solver, self.backbone)
+        if self._folding is not None and _is_fsdp(self.trainer.strategy):
+            raise ValueError(
+                "fold_adapters reads the base weights outside the network's forward, where FSDP holds only a "
+                "shard of them; set fold_adapters: false under the FSDP strategy."
+            )
 
     def on_fit_start(self) -> None:
         for p in self.lora_params:
@@ -210,6 +215,18 @@ class RewardFineTuning(OptimizationModule):
             if self.log_dir is None:
                 return None
             directory = self.log_dir / "lora"
+        if self._trainer is not None and _is_fsdp(self.trainer.strategy):
+            # outside forward FSDP keeps a shard of each weight: gather them (every process takes part)
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            with FullyShardedDataParallel.summon_full_params(self.trainer.strategy.model, writeback=False):
+                return self.backbone.save_lora(directory) if self.global_rank == 0 else None
         if self.global_rank != 0:
             return None
         return self.backbone.save_lora(directory)
+
+
+def _is_fsdp(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)

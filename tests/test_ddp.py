@@ -117,3 +117,33 @@ def test_latent_ddp_shards_samples_and_gathers_results(tiny_digits_dir, tmp_path
     for k in one[0]["state"]:
         torch.testing.assert_close(two[0]["state"][k], two[1]["state"][k], rtol=0, atol=0)
         torch.testing.assert_close(two[0]["state"][k], one[0]["state"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_fsdp_config_parses(monkeypatch, tmp_path):
+    """configs/multi_gpu/fsdp_lora.yaml needs 8 GPUs; here it is parsed by `sdo` (classes not
+    instantiated: the backbone is PixArt-alpha) and its strategy is built from the parsed values."""
+    from jsonargparse import Namespace
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from sdo_lightning.cli import SDOCLI, main
+    from test_cli import ROOT
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(SDOCLI, "instantiate_classes", lambda self: None)
+    cli = main(["--config", str(ROOT / "configs" / "multi_gpu" / "fsdp_lora.yaml")], run=False)
+    config = cli.config
+    assert config.trainer.devices == 8 and config.trainer.precision == "bf16-mixed"
+    assert config.model.class_path.endswith("RewardFineTuning")
+    assert config.model.init_args.fold_adapters is False
+    assert config.model.init_args.backbone.class_path.endswith("PixArtAlphaBackbone")
+    assert config.data.class_path.endswith("PromptSet") and config.data.init_args.batch_size == 2
+    assert (ROOT / config.data.init_args.prompts_file).is_file()
+    strategy = config.trainer.strategy
+    assert strategy.class_path == "lightning.pytorch.strategies.FSDPStrategy"
+    args = strategy.init_args.as_dict() if isinstance(strategy.init_args, Namespace) else dict(strategy.init_args)
+    built = FSDPStrategy(**{k: v for k, v in args.items() if v is not None})
+    policy = built.kwargs["auto_wrap_policy"]
+    assert isinstance(policy, ModuleWrapPolicy)
+    assert {c.__name__ for c in policy._module_classes} == {"BasicTransformerBlock", "T5Block"}
+    assert built.kwargs["use_orig_params"] is True  # frozen base weights and trainable adapters share FSDP units
