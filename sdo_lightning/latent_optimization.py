@@ -144,8 +144,8 @@ class LatentOptimization(OptimizationModule):
         padded[: len(rows)] = rows
         where = torch.full((size,), -1, dtype=torch.long, device=rows.device)
         where[: len(index)] = index.to(rows.device)
-        all_rows = self.trainer.strategy.all_gather(padded).reshape(world_size * size, *rows.shape[1:])
-        all_where = self.trainer.strategy.all_gather(where).reshape(-1)
+        all_rows = _all_gather(padded).reshape(world_size * size, *rows.shape[1:])
+        all_where = _all_gather(where).reshape(-1)
         keep = all_where >= 0
         out = rows.new_zeros((n, *rows.shape[1:]))
         out[all_where[keep]] = all_rows[keep]
@@ -308,3 +308,12 @@ class LatentOptimization(OptimizationModule):
 def _rows(cond: Any, index: Tensor) -> Any:
     """The conditioning of samples ``index`` (a tensor, or an indexable condition object)."""
     return cond[index.to(cond.device)] if isinstance(cond, Tensor) else cond[index]
+
+
+def _all_gather(tensor: Tensor) -> Tensor:
+    """``(world_size, *tensor.shape)``: every process's ``tensor`` (no autograd: results only)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts)

@@ -147,3 +147,41 @@ def test_fsdp_config_parses(monkeypatch, tmp_path):
     assert isinstance(policy, ModuleWrapPolicy)
     assert {c.__name__ for c in policy._module_classes} == {"BasicTransformerBlock", "T5Block"}
     assert built.kwargs["use_orig_params"] is True  # frozen base weights and trainable adapters share FSDP units
+
+
+def test_prompt_set_draws_are_a_function_of_the_step():
+    """Without processes: every step's prompts come from a shuffled stream of the list (each prompt
+    once per pass), micro-batches and ranks take consecutive slices of it, and a step's draw does
+    not depend on the steps before it (so resuming draws what an uninterrupted run draws)."""
+    prompts = [f"p{i}" for i in range(5)]
+    data = PromptSet(prompts, batch_size=2, seed=1, template="a {}")
+    stream = data.step_prompts(7, 10)
+    assert sorted(stream[:5]) == sorted(stream[5:]) == sorted(f"a p{i}" for i in range(5))
+    slices = [data.batch(7, micro, rank, world_size=2, accumulate=2)["prompt"] for micro in (0, 1) for rank in (0, 1)]
+    assert sum(slices, []) == data.step_prompts(7, 8)
+    assert data.batch(7, 1, 0, 2, 2)["index"].tolist() == [4, 5]
+    assert PromptSet(prompts, batch_size=2, seed=1, template="a {}").step_prompts(7, 10) == stream
+    assert data.step_prompts(8, 10) != stream
+
+
+def test_prompt_set_feeds_prompts_to_a_text_backbone(tmp_path):
+    """PromptSet with RewardFineTuning on a tiny Stable Diffusion: the backbone reads batch['prompt']."""
+    from tiny_models import build_tiny_sd
+
+    from sdo_lightning.backbones import StableDiffusionBackbone
+
+    (tmp_path / "prompts.txt").write_text("# animals\ncat\n\ndog\nhorse\n")
+    seen = []
+
+    class Record(Objective):
+        def forward(self, images, batch):
+            seen.append(list(batch["prompt"]))
+            return images.flatten(1).mean(1)
+
+    backbone = StableDiffusionBackbone(str(build_tiny_sd(tmp_path / "sd")), guidance_scale=1.0)
+    module = RewardFineTuning(objective=Record(), backbone=backbone, solver=DDIM(2), fold_adapters=False)
+    data = PromptSet(prompts_file=str(tmp_path / "prompts.txt"), batch_size=2, template="a photo of a {}")
+    Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+            enable_model_summary=False, default_root_dir=tmp_path).fit(module, datamodule=data)
+    assert seen == [data.step_prompts(0, 2), data.step_prompts(1, 2)]
+    assert set(sum(seen, [])) <= {"a photo of a cat", "a photo of a dog", "a photo of a horse"}
