@@ -31,9 +31,9 @@ def check_solver_fits_backbone(solver: Any, backbone: Any) -> None:
     name = type(backbone).__name__
     if isinstance(solver, LCMMultistep) and not (lcm_model or lcm_lora):
         rank_zero_warn(
-            f"solver LCMMultistep on {name}, which is not LCM-distilled (no guidance embedding, scheduler "
-            f"{scheduler_name or 'unknown'}): its samples will be poor; use DDIM or DPMSolverPlusPlus, or load an "
-            "LCM model or LCM-LoRA (StableDiffusionBackbone lora: ...)."
+            f"solver LCMMultistep on {name}, which does not look LCM-distilled (no guidance embedding, scheduler "
+            f"{scheduler_name or 'unknown'}, no LCM-LoRA recorded): its samples will be poor; use DDIM or "
+            "DPMSolverPlusPlus, or load an LCM model or LCM-LoRA (StableDiffusionBackbone lora: ...)."
         )
     elif lcm_model and not isinstance(solver, LCMMultistep):
         rank_zero_warn(
