@@ -109,16 +109,14 @@ def short_error(message: str) -> str:
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     leaves = [line.lstrip("- ").strip() for line in lines if not _WRAPPERS.match(line)]
     leaf = leaves[0] if leaves else (lines[0] if lines else message)
+    known = _known(key) if key else None
     unknown = re.search(r"Expected a path but (\S+) either not accessible|Expected a dot import path string: (\S+)|"
                         r"Problem with given class_path '([^']+)':\s*\n\s*(?:- )?(?:Import|No module)", message)
-    if unknown and key:
+    if unknown and known is not None:
         name = next(g for g in unknown.groups() if g)
-        known = _known(key)
-        if known is not None:
-            what, names = known
-            return (f"{key}: {name!r} is not a known {what}; known: {', '.join(names)} "
-                    "(or give a full class path, e.g. my_package.MyClass).")
-    known = _known(key) if key else None
+        what, names = known
+        return (f"{key}: {name!r} is not a known {what}; known: {', '.join(names)} "
+                "(or give a full class path, e.g. my_package.MyClass).")
     choices = f"a class name ({', '.join(known[1])})" if known else "a class name"
     not_subclass = re.search(r"Not a valid subclass of (\w+)(?:\. Got value: (.*))?", leaf)
     if not_subclass:
