@@ -142,10 +142,11 @@ class OptimizationModule(LightningModule):
             self.log("train/grad_norm", norm)
 
     def log_terms(self, losses: Tensor, objective: Any) -> None:
-        """Log the mean loss and each of the objective's named per-sample terms."""
-        self.log("train/loss", losses.mean(), prog_bar=True)
+        """Log the mean loss and each of the objective's named per-sample terms (averaged over
+        processes under DDP, so the numbers describe the whole batch)."""
+        self.log("train/loss", losses.mean(), prog_bar=True, sync_dist=True)
         for name, value in objective.terms.items():
-            self.log(f"train/{name}", value.float().mean(), prog_bar=name.endswith("prob"))
+            self.log(f"train/{name}", value.float().mean(), prog_bar=name.endswith("prob"), sync_dist=True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The gradient mode draws from the plan generator in every micro-batch; a checkpoint

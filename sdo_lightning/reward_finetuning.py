@@ -171,7 +171,7 @@ class RewardFineTuning(OptimizationModule):
         self.check_losses(losses, len(images))
         loss = losses.mean()
         self.log_terms(losses, self.objective)
-        self.log("train/reward", -loss)
+        self.log("train/reward", -loss, sync_dist=True)
         if self.adapter_l2:
             penalty = sum(p.float().pow(2).sum() for p in self.lora_params)
             self.log("train/adapter_l2", penalty)
@@ -181,7 +181,7 @@ class RewardFineTuning(OptimizationModule):
             if len(flat) > 1:
                 self.log("train/diversity", torch.pdist(flat).mean())  # mean pairwise L2 distance
             if self.held_out_objective is not None:
-                self.log("train/held_out", self.held_out_objective(images.detach(), batch).mean())
+                self.log("train/held_out", self.held_out_objective(images.detach(), batch).mean(), sync_dist=True)
         if self.global_step % 50 == 0:
             experiment = getattr(self.logger, "experiment", None)
             if hasattr(experiment, "add_image"):

@@ -176,16 +176,21 @@ def test_same_seed_same_images_and_gradients(tiny_digits_dir):
     assert not torch.allclose(img_a, img_c)
 
 
-def test_a_samples_noise_does_not_depend_on_its_batch(tiny_digits_dir):
+@pytest.mark.parametrize("eta", [0.0, 1.0], ids=["ddim", "stochastic"])
+def test_a_samples_noise_does_not_depend_on_its_batch(eta, tiny_digits_dir):
     """Sample 2's image is the same whether it is sampled alone or with samples 0 and 1 (what lets
-    DDP ranks split a batch), and equals plain DDIM from the documented per-sample seed."""
+    DDP ranks split a batch), also with a stochastic solver (per-sample generators), and with DDIM
+    equals plain sampling from the documented per-sample seed."""
     from sdo_lightning.sampling import sample
 
-    module = RewardFineTuning(objective=Darkness(), backbone=DigitsBackbone(tiny_digits_dir), solver=DDIM(4), seed=5)
+    module = RewardFineTuning(objective=Darkness(), backbone=DigitsBackbone(tiny_digits_dir), solver=DDIM(4, eta=eta),
+                              seed=5)
     with torch.no_grad():
         together = module.generate({"index": torch.arange(3), "class_label": torch.full((3,), 10)}, grad=False)
         alone = module.generate({"index": torch.tensor([2]), "class_label": torch.full((1,), 10)}, grad=False)
         torch.testing.assert_close(alone[0], together[2], rtol=1e-5, atol=1e-6)
+        if eta:
+            return
         # independent: seed of (seed 5, step 0, micro-batch 0, index 2), one generator per sample
         seed = ((5 * 1_000_003 + 0) * 101 + 0) * 100_003 + 2
         x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
