@@ -23,7 +23,7 @@ def offline_default(local_files_only: bool | None) -> bool:
     """``local_files_only`` as given, or implied by ``HF_HUB_OFFLINE=1`` when None."""
     if local_files_only is not None:
         return local_files_only
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no", "off")
 
 
 def as_rgb(images: Tensor) -> Tensor:
@@ -43,7 +43,9 @@ def resize_center_crop(images: Tensor, crop: int, resize: int | None = None, mod
     scale = resize / min(h, w)
     size = (max(crop, round(h * scale)), max(crop, round(w * scale)))
     if size != (h, w):
-        images = F.interpolate(images, size=size, mode=mode, align_corners=False, antialias=True)
+        # bf16/fp16 in float32: antialiased interpolation has no half-precision kernel on CPU
+        work = images if images.dtype in (torch.float32, torch.float64) else images.float()
+        images = F.interpolate(work, size=size, mode=mode, align_corners=False, antialias=True).to(images.dtype)
     top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
     return images[..., top:top + crop, left:left + crop]
 

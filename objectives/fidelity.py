@@ -1,8 +1,8 @@
-"""Fidelity objectives: stay close to the unoptimized sample."""
+"""Fidelity objectives: stay close to the unoptimized sample (or to a real image)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -10,15 +10,38 @@ from sdo_lightning.contracts import Objective
 
 
 class L2Fidelity(Objective):
-    """Mean squared distance between each image and its unoptimized version.
+    """L2 distance between each image and a reference, per sample.
 
-    The unoptimized images come from ``batch["initial_images"]`` (the LightningModules add them).
-    Logs ``l2`` (the root of the per-pixel mean, i.e. an RMS distance in [0, 1] units).
+    Args:
+        reduction: ``mse``: the mean squared difference over pixels (default); ``norm``: the
+            Euclidean norm of the difference, ``||x_0 - x_ref||`` as in the paper's Eq. 23 (its
+            gradient has unit size whatever the image size, so a weight means the same at 256 px
+            as at 16 px).
+        reference: the batch entry holding the reference images: ``initial_images`` (the
+            unoptimized samples, which the LightningModules add) or e.g. ``image`` (the real
+            images of a data module, which ``invert_images`` starts from).
+
+    Logs ``l2``: the RMS difference per pixel, in [0, 1] units, whatever the reduction.
     """
 
+    def __init__(self, reduction: Literal["mse", "norm"] = "mse", reference: str = "initial_images") -> None:
+        super().__init__()
+        if reduction not in ("mse", "norm"):
+            raise ValueError(f"L2Fidelity reduction must be 'mse' or 'norm', got {reduction!r}.")
+        self.reduction = reduction
+        self.reference = reference
+
     def forward(self, images: Tensor, batch: dict[str, Any]) -> Tensor:
-        if "initial_images" not in batch:
-            raise KeyError("L2Fidelity needs batch['initial_images'] (the unoptimized samples).")
-        mse = (images - batch["initial_images"]).pow(2).flatten(1).mean(1)
-        self.terms = {"l2": mse.detach().sqrt()}
-        return mse
+        if self.reference not in batch:
+            raise KeyError(f"L2Fidelity needs batch[{self.reference!r}] (its reference images); the batch has "
+                           f"{sorted(batch)}.")
+        ref = batch[self.reference].to(device=images.device, dtype=images.dtype)
+        if ref.shape[1:] != images.shape[1:]:
+            raise ValueError(f"L2Fidelity: reference images {tuple(ref.shape[1:])} differ in shape from the samples "
+                             f"{tuple(images.shape[1:])}.")
+        squared = (images - ref).pow(2).flatten(1)
+        self.terms = {"l2": squared.detach().mean(1).sqrt()}
+        if self.reduction == "norm":
+            # sqrt with a floor: the gradient of a norm at zero difference is undefined
+            return squared.sum(1).clamp_min(1e-12).sqrt()
+        return squared.mean(1)

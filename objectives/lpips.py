@@ -108,7 +108,8 @@ class LPIPSFidelity(Objective):
     def _prepare(self, images: Tensor, size: tuple[int, int]) -> Tensor:
         images = as_rgb(images).to(self.lins[0].dtype)
         if tuple(images.shape[-2:]) != size:
-            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            work = images if images.dtype in (torch.float32, torch.float64) else images.float()
+            images = F.interpolate(work, size=size, mode="bilinear", align_corners=False, antialias=True).to(images.dtype)
         return normalize(2 * images - 1, LPIPS_SHIFT, LPIPS_SCALE)
 
     def features(self, images: Tensor, size: tuple[int, int]) -> list[Tensor]:
@@ -119,7 +120,9 @@ class LPIPSFidelity(Objective):
             x = layer(x)
             if index in VGG16_TAPS:
                 # vector_norm's backward is 0 at a zero vector, where sqrt(sum(x^2)) gives NaN
-                taps.append(x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + EPS))
+                # in float: EPS rounds to 0 in fp16, and a zero vector would give 0 / 0
+                work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+                taps.append((work / (torch.linalg.vector_norm(work, dim=1, keepdim=True) + EPS)).to(x.dtype))
         return taps
 
     def distance(self, images: Tensor, others: Tensor) -> Tensor:

@@ -99,14 +99,17 @@ def _offline(local_files_only: bool | None) -> bool:
 def _load_failed(what: str, model: str, err: Exception) -> FileNotFoundError:
     """One sentence for a model that did not load: a local path that holds no pipeline, or a hub
     id that is neither cached nor reachable."""
-    local = model.startswith((".", "~")) or Path(model).is_absolute() or model.count("/") > 1
+    local = (model.startswith((".", "~")) or Path(model).is_absolute() or model.count("/") > 1
+             or Path(model).expanduser().exists())
     if local:
         how = ("no diffusers pipeline is there: check the path, or download one into it with "
                f"`hf download <hub id> --local-dir {model}`")
     else:
         how = (f"it is not in the local cache and could not be fetched from the hub (offline, or no such repository): "
                f"fetch it with network access (`hf download {model}`) or give a local pipeline directory")
-    return FileNotFoundError(f"could not load the {what} from {model!r} ({type(err).__name__}); {how}.")
+    # the first clause of the original message, so the whole error stays one sentence
+    detail = (str(err).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")[:200]
+    return FileNotFoundError(f"could not load the {what} from {model!r} ({type(err).__name__}: {detail}); {how}.")
 
 
 def _from_subfolder_or_root(load: Any, model: str, subfolder: str, **kwargs: Any) -> Any:
@@ -188,7 +191,7 @@ class PixelUNetBackbone(Backbone):
             self.unet = _from_subfolder_or_root(UNet2DModel.from_pretrained, model, "unet", variant=variant, **hub)
             raw = _from_subfolder_or_root(DDPMScheduler.load_config, model, "scheduler", **hub)
         except (OSError, ValueError) as err:
-            raise _load_failed("pixel-space UNet pipeline", model, err) from err
+            raise _load_failed("pixel-space UNet pipeline", model, err) from None
         self.unet.requires_grad_(False)
         old = self.unet.class_embedding
         self.class_conditional = old is not None
@@ -363,7 +366,7 @@ class StableDiffusionBackbone(Backbone):
                 revision=revision, variant=variant,
             )
         except (OSError, ValueError) as err:
-            raise _load_failed("Stable Diffusion pipeline", model, err) from err
+            raise _load_failed("Stable Diffusion pipeline", model, err) from None
         if lora is not None:
             pipe.load_lora_weights(lora)
             pipe.fuse_lora()
@@ -452,7 +455,9 @@ class StableDiffusionBackbone(Backbone):
 
         directory = Path(directory)
         layers = convert_state_dict_to_diffusers(lora_state_dict(self.unet))
-        StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers)
+        # the metadata carries lora_alpha: without it diffusers loads the adapter at alpha = rank
+        StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers,
+                                                  unet_lora_adapter_metadata=self.unet._sdo_lora_config.to_dict())
         return directory
 
 
@@ -466,7 +471,7 @@ def _load_t5_tokenizer(model: str, **hub: Any) -> Any:
     try:
         return AutoTokenizer.from_pretrained(model, subfolder="tokenizer", **hub)
     except OSError as err:
-        raise _load_failed("PixArt-alpha pipeline", model, err) from err
+        raise _load_failed("PixArt-alpha pipeline", model, err) from None
     except (ImportError, ValueError) as err:
         # Without sentencepiece, transformers fails on spiece.model with a misleading error (it
         # falls back to reading the file as a tiktoken vocabulary).
@@ -533,7 +538,7 @@ class PixArtAlphaBackbone(Backbone):
             pipe = PixArtAlphaPipeline.from_pretrained(model, tokenizer=tokenizer, variant=variant,
                                                        **({"torch_dtype": torch_dtype} if torch_dtype else {}), **hub)
         except (OSError, ValueError) as err:
-            raise _load_failed("PixArt-alpha pipeline", model, err) from err
+            raise _load_failed("PixArt-alpha pipeline", model, err) from None
         self.transformer, self.vae, self.text_encoder = pipe.transformer, pipe.vae, pipe.text_encoder
         self.tokenizer = tokenizer
         for module in (self.transformer, self.vae, self.text_encoder):
@@ -560,6 +565,9 @@ class PixArtAlphaBackbone(Backbone):
 
     @torch.no_grad()
     def _embed(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+        # PixArt was trained on lower-cased captions and PixArtAlphaPipeline lower-cases and strips
+        # every prompt (T5's tokenizer is case-sensitive): do the same.
+        prompts = [p.lower().strip() for p in prompts]
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                                 add_special_tokens=True, return_tensors="pt")
         device = self.text_encoder.device

@@ -104,3 +104,14 @@ def test_fidelity_and_weighted_sum_gradients_match_finite_differences():
     combined = WeightedSum([classifier, L2Fidelity()], [1.0, 0.3])
     x16, init16 = torch.rand(2, 1, 16, 16, dtype=torch.float64), torch.rand(2, 1, 16, 16, dtype=torch.float64)
     _fd_check(lambda y: combined(y, {"initial_images": init16}), x16, seed=1)
+
+
+def test_l2_fidelity_norm_to_real_images():
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    real = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    objective = L2Fidelity(reduction="norm", reference="image")
+    expected = torch.stack([torch.sqrt(((x[i] - real[i]) ** 2).sum()) for i in range(2)])
+    torch.testing.assert_close(objective(x, {"image": real}), expected)
+    _fd_check(lambda y: objective(y, {"image": real}), x, seed=2)
+    with pytest.raises(KeyError, match="batch\\['image'\\]"):
+        objective(x, {"initial_images": real})

@@ -57,11 +57,13 @@ def test_latent_optimization_step(tiny_sd, target, tmp_path):
     assert not torch.allclose(module.variable, module.start_latent if target == "x_T" else module.start_cond.embeds)
 
 
-def test_lora_export_loads_into_diffusers_pipeline(tiny_sd, tmp_path):
+@pytest.mark.parametrize("alpha", [None, 16.0])
+def test_lora_export_loads_into_diffusers_pipeline(tiny_sd, tmp_path, alpha):
     """Adapters exported after fine-tuning load with pipeline.load_lora_weights(dir) and give
-    the same denoiser output as the module's own UNet."""
+    the same denoiser output as the module's own UNet (also with lora_alpha != rank, which
+    diffusers reads from the file's metadata)."""
     module = RewardFineTuning(objective=Redness(), backbone=StableDiffusionBackbone(str(tiny_sd), guidance_scale=1.0),
-                              solver=DDIM(3), lr=0.05)
+                              solver=DDIM(3), lr=0.05, lora_alpha=alpha)
     trainer(tmp_path, steps=2).fit(module, datamodule=SampleSet(num_samples=2, prompt="a cat"))
     out_dir = tmp_path / "lora"
     assert (out_dir / "pytorch_lora_weights.safetensors").is_file()
