@@ -331,7 +331,7 @@ class StableDiffusionBackbone(Backbone):
     through that embedding instead, in one network call.
 
     Args:
-        model: a diffusers pipeline directory or hub id (e.g. ``runwayml/stable-diffusion-v1-5``).
+        model: a diffusers pipeline directory or hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``).
         guidance_scale: classifier-free guidance scale (1 = none).
         negative_prompt: the prompt guidance pushes away from.
         local_files_only: never reach the network (also implied by ``HF_HUB_OFFLINE=1``).
