@@ -120,7 +120,9 @@ class OptimizationModule(LightningModule):
         self._nonfinite_loss = False
         bad_grad = norm is not None and not bool(torch.isfinite(norm))
         if self.trainer.world_size > 1:  # every process must take the same decision
+            # (under FSDP each process sees only its shard of the gradient)
             bad_loss = self.trainer.strategy.reduce_boolean_decision(bad_loss, all=False)
+            bad_grad = self.trainer.strategy.reduce_boolean_decision(bad_grad, all=False)
         if bad_loss or bad_grad:
             what = "loss and gradient are" if bad_loss and bad_grad else "loss is" if bad_loss else "gradient is"
             step = self.trainer.global_step
