@@ -382,6 +382,7 @@ class StableDiffusionBackbone(Backbone):
         self.scaling_factor = self.vae.config.scaling_factor
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
+        self.lora = lora  # e.g. an LCM-LoRA fused at load time (the solver check reads it)
         self.guidance_embedding = self.unet.config.time_cond_proj_dim is not None
         _speed_up(self.unet, compile, channels_last)
 

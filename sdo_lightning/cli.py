@@ -267,8 +267,12 @@ def clean_message(err: BaseException) -> str | None:
     jsonargparse wraps errors raised while it instantiates classes in a ValueError with a nested
     message; the user's mistake is the innermost exception of the chain.
     """
-    while (err.__cause__ or err.__context__) is not None:
-        err = err.__cause__ or err.__context__
+    while True:
+        # the chain Python prints: an explicit cause, else the context unless ``from None`` hid it
+        inner = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
+        if inner is None:
+            break
+        err = inner
     if not isinstance(err, CLEAN_ERRORS):
         return None
     message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)

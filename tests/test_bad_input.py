@@ -97,6 +97,17 @@ def test_wrong_values_are_one_line_errors(args, expected, tiny_weights, capsys, 
     assert expected in line, line
 
 
+def test_missing_diffusers_model_reaches_the_user_as_our_sentence(tiny_weights, capsys, monkeypatch, tmp_path):
+    """The backbone's own sentence (what to fetch), not the innermost diffusers/hub error."""
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "no-sd-here")
+    line = one_line_error(capsys, ["fit", "--config", QUICKSTART, "--trainer.max_steps", "0",
+                                   "--model.backbone", "StableDiffusionBackbone", "--model.backbone.model", missing],
+                          monkeypatch)
+    assert line.startswith(f"error: FileNotFoundError: could not load the Stable Diffusion pipeline from '{missing}'"), line
+    assert "hf download" in line
+
+
 def test_missing_prompts_file_and_empty_prompts(tmp_path):
     with pytest.raises(FileNotFoundError, match="prompts_file='/no/such.txt' does not exist"):
         PromptSet(prompts_file="/no/such.txt")
