@@ -15,15 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sdo_lightning._hub import offline
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TENSOR_SUFFIXES = (".npz", ".npy", ".pt", ".pth")
 
 
-def offline_default(local_files_only: bool | None) -> bool:
-    """``local_files_only`` as given, or implied by ``HF_HUB_OFFLINE=1`` when None."""
-    if local_files_only is not None:
-        return local_files_only
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no", "off")
+offline_default = offline  # ``local_files_only`` as given, or implied by ``HF_HUB_OFFLINE``
+
+
+def prompts_for(owner: str, prompt: str | None, batch: dict[str, Any], n: int) -> list[str]:
+    """One prompt per sample: the objective's fixed ``prompt``, else ``batch["prompt"]`` (one
+    string for all, or one per sample)."""
+    if prompt is not None:
+        return [prompt] * n
+    if "prompt" not in batch:
+        raise KeyError(f"{owner} has no text: set prompt or give the batch a 'prompt' per sample.")
+    return [batch["prompt"]] * n if isinstance(batch["prompt"], str) else list(batch["prompt"])
 
 
 def as_rgb(images: Tensor) -> Tensor:

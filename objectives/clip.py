@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sdo_lightning._hub import offline
 from sdo_lightning.contracts import Objective
+from sdo_lightning.objectives._inputs import prompts_for
 
 # CLIP's published preprocessing statistics (used when the model directory has no processor config).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -34,8 +35,7 @@ class CLIPScore(Objective):
         super().__init__()
         from transformers import CLIPModel, CLIPTokenizer
 
-        if local_files_only is None:
-            local_files_only = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        local_files_only = offline(local_files_only)
         try:
             self.clip = CLIPModel.from_pretrained(model, local_files_only=local_files_only)
             self.tokenizer = CLIPTokenizer.from_pretrained(model, local_files_only=local_files_only)
@@ -76,12 +76,7 @@ class CLIPScore(Objective):
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def forward(self, images: Tensor, batch: dict[str, Any]) -> Tensor:
-        if self.prompt is not None:
-            prompts = [self.prompt] * len(images)
-        elif "prompt" in batch:
-            prompts = [batch["prompt"]] * len(images) if isinstance(batch["prompt"], str) else list(batch["prompt"])
-        else:
-            raise KeyError("CLIPScore has no text: set prompt or give the batch a 'prompt' per sample.")
+        prompts = prompts_for("CLIPScore", self.prompt, batch, len(images))
         cosine = (self.image_embeds(images) * self.text_embeds(prompts).to(images.dtype)).sum(-1)
         self.terms = {"clip_score": cosine.detach()}
         return 1 - cosine

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdo_lightning.contracts import Objective
-from sdo_lightning.objectives._inputs import as_rgb, load_state_dict, normalize, resize_center_crop
+from sdo_lightning.objectives._inputs import as_rgb, load_state_dict, normalize, prompts_for, resize_center_crop
 from sdo_lightning.objectives.clip import CLIP_MEAN, CLIP_STD
 
 CHECKPOINT_HOW = ("download HPS_v2_compressed.pt (`huggingface-cli download xswu/HPSv2 HPS_v2_compressed.pt`) "
@@ -72,12 +72,7 @@ class HPSv2Score(Objective):
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def forward(self, images: Tensor, batch: dict[str, Any]) -> Tensor:
-        if self.prompt is not None:
-            prompts = [self.prompt] * len(images)
-        elif "prompt" in batch:
-            prompts = [batch["prompt"]] * len(images) if isinstance(batch["prompt"], str) else list(batch["prompt"])
-        else:
-            raise KeyError("HPSv2Score has no text: set prompt or give the batch a 'prompt' per sample.")
+        prompts = prompts_for("HPSv2Score", self.prompt, batch, len(images))
         score = (self.image_embeds(images) * self.text_embeds(prompts).to(images)).sum(-1)
         self.terms = {"hps": score.detach()}
         return -score

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sdo_lightning._hub import offline
+
 
 class Backbone(nn.Module, abc.ABC):
     """The interface between a diffusion model and the optimization code.
@@ -87,13 +89,7 @@ class _LookupOrPass(nn.Embedding):
         return super().forward(input)
 
 
-def _offline(local_files_only: bool | None) -> bool:
-    """``local_files_only`` as given, or implied by ``HF_HUB_OFFLINE`` when unset."""
-    import os
-
-    if local_files_only is not None:
-        return local_files_only
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+_offline = offline  # ``local_files_only`` as given, or implied by ``HF_HUB_OFFLINE``
 
 
 def _load_failed(what: str, model: str, err: Exception) -> FileNotFoundError:
