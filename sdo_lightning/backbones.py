@@ -364,7 +364,7 @@ class StableDiffusionBackbone(Backbone):
         except (OSError, ValueError) as err:
             raise _load_failed("Stable Diffusion pipeline", model, err) from None
         if lora is not None:
-            pipe.load_lora_weights(lora)
+            pipe.load_lora_weights(lora, local_files_only=_offline(local_files_only))
             pipe.fuse_lora()
             pipe.unload_lora_weights()
         self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder

@@ -94,3 +94,35 @@ def test_lcm_unet_uses_guidance_embedding(tmp_path):
 
     reference = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, torch.tensor([2.0 - 1.0]), embedding_dim=8)
     torch.testing.assert_close(backbone._guidance_cond(1, torch.device("cpu"), torch.float32), reference)
+
+
+def test_lora_option_fuses_the_adapter_into_the_unet(tiny_sd, tmp_path):
+    """``lora:`` (e.g. LCM-LoRA) fuses W + (alpha / r) B A into every adapted layer, checked on
+    the matrices read back from the file, and leaves no adapter layers behind."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import load_file
+
+    from sdo_lightning.lora import add_lora, lora_state_dict
+
+    unet = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None).unet
+    params = add_lora(unet, rank=2, alpha=4.0, target_modules=["to_q", "to_v"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g))
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(lora_state_dict(unet)),
+        unet_lora_adapter_metadata=unet._sdo_lora_config.to_dict())
+
+    fused = StableDiffusionBackbone(str(tiny_sd), lora=str(tmp_path)).unet
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None).unet.state_dict()
+    saved = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
+    # diffusers' file layout: <module>.lora.down.weight (A) and <module>.lora.up.weight (B)
+    names = sorted({k[len("unet."):].rsplit(".lora.down", 1)[0] for k in saved if ".lora.down." in k})
+    assert names and all(n.endswith(("to_q", "to_v")) for n in names)
+    weights = dict(fused.named_parameters())
+    for name in names:
+        a, b = saved[f"unet.{name}.lora.down.weight"], saved[f"unet.{name}.lora.up.weight"]
+        expected = base[f"{name}.weight"] + (4.0 / 2) * b @ a
+        torch.testing.assert_close(weights[f"{name}.weight"], expected, rtol=1e-5, atol=1e-6)
+    assert not any("lora_" in n for n in weights)
