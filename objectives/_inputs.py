@@ -58,6 +58,19 @@ def resize_center_crop(images: Tensor, crop: int, resize: int | None = None, mod
     return images[..., top:top + crop, left:left + crop]
 
 
+def resize_longest_pad(images: Tensor, size: int, mode: str = "bicubic") -> Tensor:
+    """Resize so the long side is ``size`` (antialiased), then zero-pad the short side to a
+    centered ``size x size`` square (open_clip's ``ResizeMaxSize``, which HPSv2 evaluates with)."""
+    h, w = images.shape[-2:]
+    scale = size / max(h, w)
+    new = (round(h * scale), round(w * scale))
+    if new != (h, w):
+        work = images if images.dtype in (torch.float32, torch.float64) else images.float()
+        images = F.interpolate(work, size=new, mode=mode, align_corners=False, antialias=True).to(images.dtype)
+    pad_h, pad_w = size - new[0], size - new[1]
+    return F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """``(images - mean) / std`` per channel, in the images' dtype and device."""
     mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)

@@ -95,7 +95,7 @@ class AestheticScore(Objective):
         except (OSError, ValueError) as err:
             raise FileNotFoundError(
                 f"could not load a CLIP model from {model!r} ({type(err).__name__}); give a local directory or a hub "
-                f"id with network access (e.g. fetch it first with `huggingface-cli download {model}`)."
+                f"id with network access (e.g. fetch it first with `hf download {model}`)."
             ) from None
         # Only the image side is needed; the text tower is left behind.
         self.vision = clip.vision_model

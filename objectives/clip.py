@@ -42,7 +42,7 @@ class CLIPScore(Objective):
         except (OSError, ValueError) as err:
             raise FileNotFoundError(
                 f"could not load a CLIP model and tokenizer from {model!r} ({type(err).__name__}); give a local "
-                f"directory or a hub id with network access (e.g. fetch it first with `huggingface-cli download {model}`)."
+                f"directory or a hub id with network access (e.g. fetch it first with `hf download {model}`)."
             ) from err
         self.clip.eval().requires_grad_(False)
         self.prompt = prompt

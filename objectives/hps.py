@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sdo_lightning.contracts import Objective
-from sdo_lightning.objectives._inputs import as_rgb, load_state_dict, normalize, prompts_for, resize_center_crop
+from sdo_lightning.objectives._inputs import as_rgb, load_state_dict, normalize, prompts_for, resize_longest_pad
 from sdo_lightning.objectives.clip import CLIP_MEAN, CLIP_STD
 
-CHECKPOINT_HOW = ("download HPS_v2_compressed.pt (`huggingface-cli download xswu/HPSv2 HPS_v2_compressed.pt`) "
+CHECKPOINT_HOW = ("download HPS_v2_compressed.pt (`hf download xswu/HPSv2 HPS_v2_compressed.pt`) "
                   "and pass its path as checkpoint")
 
 
@@ -22,8 +22,9 @@ class HPSv2Score(Objective):
 
     HPSv2 is open_clip's ViT-H-14 with the weights of the HPS checkpoint; the score is the cosine
     of the normalized image and prompt embeddings (about 0.2-0.35 for typical images). Needs
-    open_clip: ``pip install 'sdo-lightning[hps]'``. Preprocessing is tensor-only: grayscale to
-    RGB, bicubic resize of the short side, center crop to the model's input size, normalization
+    open_clip: ``pip install 'sdo-lightning[hps]'``. Preprocessing is tensor-only and follows
+    HPSv2's evaluation transform: grayscale to RGB, bicubic resize of the long side to the model's
+    input size, black padding of the short side to a square (nothing is cropped), normalization
     with its mean/std. Prompt embeddings are cached. Logs ``hps`` per sample.
 
     Args:
@@ -59,7 +60,7 @@ class HPSv2Score(Objective):
 
     def image_embeds(self, images: Tensor) -> Tensor:
         dtype = next(self.model.visual.parameters()).dtype
-        pixels = normalize(resize_center_crop(as_rgb(images), self.size), self.mean, self.std).to(dtype)
+        pixels = normalize(resize_longest_pad(as_rgb(images), self.size), self.mean, self.std).to(dtype)
         return F.normalize(self.model.encode_image(pixels).to(images.dtype), dim=-1)
 
     @torch.no_grad()

@@ -62,7 +62,7 @@ class CLIPStyleLoss(Objective):
         except (OSError, ValueError) as err:
             raise FileNotFoundError(
                 f"could not load a CLIP vision model from {model!r} ({type(err).__name__}); give a local directory or "
-                f"a hub id with network access (e.g. fetch it first with `huggingface-cli download {model}`)."
+                f"a hub id with network access (e.g. fetch it first with `hf download {model}`)."
             ) from None
         finally:
             hf_logging.set_verbosity(verbosity)

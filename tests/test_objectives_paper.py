@@ -461,8 +461,27 @@ def test_hps_score_is_the_cosine_of_the_checkpoint_model(monkeypatch, hps_checkp
     assert record["tokenized"] == prompts[:2]
     fixed = HPSv2Score(str(path), prompt="a painting of a dog").double()
     check_gradient(lambda y: fixed(y, {}), rand(2, 3, 16, 16, seed=25))
-    check_gradient(lambda y: fixed(y, {}), rand(2, 1, 24, 20, seed=26))  # grayscale, resized and cropped
+    check_gradient(lambda y: fixed(y, {}), rand(2, 1, 24, 20, seed=26))  # grayscale, resized and padded
     check_per_sample(lambda y: fixed(y, {}), rand(3, 3, 16, 16, seed=27))
+
+
+def test_hps_pads_non_square_images_like_open_clips_resize_max_size(monkeypatch, hps_checkpoint):
+    """A 12 x 8 image (model input 16): long side resized to 16 (short side to 11), then padded
+    with 2 black columns left and 3 right, before normalization; a square 16 x 16 passes as it is."""
+    install_fake_open_clip(monkeypatch)
+    path, model = hps_checkpoint
+    objective = HPSv2Score(str(path), prompt="a cat").double()
+    model = model.double()
+    x = rand(2, 3, 12, 8, seed=28)
+    with torch.no_grad():
+        resized = torch.nn.functional.interpolate(x, size=(16, 11), mode="bicubic", align_corners=False, antialias=True)
+        square = torch.zeros(2, 3, 16, 16, dtype=torch.float64)
+        square[..., :, 2:13] = resized
+        mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in ((0.4, 0.45, 0.5), (0.25, 0.3, 0.2)))
+        image = model.encode_image((square - mean) / std)
+        text = model.encode_text(tiny_tokenize(["a cat"]))
+        expected = (image * text).sum(-1) / (image.norm(dim=-1) * text.norm(dim=-1))
+        torch.testing.assert_close(objective(x, {}), -expected, rtol=1e-10, atol=1e-12)
 
 
 def test_hps_errors_are_one_sentence(monkeypatch, hps_checkpoint, tmp_path):
