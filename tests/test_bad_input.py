@@ -187,21 +187,26 @@ class InterruptAt(Objective):
         return images.flatten(1).mean(1)
 
 
-def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(tiny_digits_dir, tmp_path):
+@pytest.mark.parametrize("accumulate, at, step", [(1, 2, 2), (2, 3, 1)])
+def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(tiny_digits_dir, tmp_path, accumulate, at, step):
+    """Interrupted inside a step (with accumulation: in its second micro-batch), the resumed run
+    redoes that whole step and ends bitwise where an uninterrupted run ends."""
     def module(objective):
         torch.manual_seed(0)
         return RewardFineTuning(objective=objective, backbone=DigitsBackbone(tiny_digits_dir), solver=DDIM(8),
                                 lr=0.05, lora_rank=2)
 
-    interrupted = module(InterruptAt(2))
+    interrupted = module(InterruptAt(at))
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown after KeyboardInterrupt
-        trainer(tmp_path / "a", 4, [InterruptCheckpoint()]).fit(interrupted, datamodule=SampleSet(num_samples=2))
+        trainer(tmp_path / "a", 4, [InterruptCheckpoint()], accumulate_grad_batches=accumulate).fit(
+            interrupted, datamodule=SampleSet(num_samples=2))
     path = tmp_path / "a" / "interrupted.ckpt"
-    assert torch.load(path, weights_only=False)["global_step"] == 2
+    assert torch.load(path, weights_only=False)["global_step"] == step
     resumed = module(InterruptAt())
-    trainer(tmp_path / "b", 4).fit(resumed, datamodule=SampleSet(num_samples=2), ckpt_path=path)
+    trainer(tmp_path / "b", 4, accumulate_grad_batches=accumulate).fit(
+        resumed, datamodule=SampleSet(num_samples=2), ckpt_path=path)
     straight = module(InterruptAt())
-    trainer(tmp_path / "c", 4).fit(straight, datamodule=SampleSet(num_samples=2))
+    trainer(tmp_path / "c", 4, accumulate_grad_batches=accumulate).fit(straight, datamodule=SampleSet(num_samples=2))
     for a, b in zip(resumed.lora_params, straight.lora_params):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert torch.equal(resumed._plan_generator.get_state(), straight._plan_generator.get_state())
