@@ -172,13 +172,36 @@ class OptimizationModule(LightningModule):
             del state[key]
         checkpoint["plan_generator_state"] = self._plan_state_to_save()
         checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["sdo_run"] = self.run_fingerprint()
+
+    def run_fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must share with this module to be resumed by it: the module, its
+        seed, objective, backbone and solver (a checkpoint of another run would silently continue
+        that run's latents or adapters)."""
+        solver = getattr(self, "solver", None)
+        return {
+            "module": type(self).__name__,
+            "seed": getattr(self, "seed", None),
+            "objective": type(getattr(self, "objective", None)).__name__,
+            "backbone": type(getattr(self, "backbone", None)).__name__,
+            "solver": type(solver).__name__,
+            "steps": getattr(solver, "num_inference_steps", None),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
-        if state and not any(self.is_trainable_key(k) and k in self.state_dict() for k in state):
+        own = self.state_dict().keys()
+        if state and not any(self.is_trainable_key(k) and k in own for k in state):
             raise ValueError(
                 f"the checkpoint holds no state of this {type(self).__name__} (keys like {sorted(state)[:3]}); "
                 "is it from another run or module? Give --ckpt_path the checkpoint of this run."
+            )
+        saved, mine = checkpoint.get("sdo_run"), self.run_fingerprint()
+        if saved is not None and saved != mine:
+            diff = ", ".join(f"{k} {saved.get(k)!r} there, {mine[k]!r} here" for k in mine if saved.get(k) != mine[k])
+            raise ValueError(
+                f"the checkpoint is from another run ({diff}); give --ckpt_path the checkpoint of this run, "
+                "or start without --ckpt_path."
             )
         if "plan_generator_state" in checkpoint:
             self._plan_generator.set_state(checkpoint["plan_generator_state"])

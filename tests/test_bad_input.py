@@ -232,3 +232,17 @@ def test_clip_sample_warning_is_reached_in_a_fit(tiny_digits_dir, tmp_path):
                                 solver=DDIM(3, scheduler_kwargs={"clip_sample": True}))
     with pytest.warns(UserWarning, match=r"clip_sample=True clamps the predicted x_0.*clip_sample: false"):
         trainer(tmp_path, 1).fit(module, datamodule=SampleSet(num_samples=1))
+
+
+def test_checkpoint_of_another_run_is_refused(tiny_digits_dir, tmp_path):
+    """A checkpoint written by a run with another seed is not silently continued."""
+    first = LatentOptimization(objective=Brightness(), backbone=DigitsBackbone(tiny_digits_dir), solver=DDIM(2), seed=1)
+    trainer(tmp_path / "a", 1).fit(first, datamodule=SampleSet(num_samples=2))
+    path = tmp_path / "a" / "first.ckpt"
+    first.trainer.save_checkpoint(path)
+    other = LatentOptimization(objective=Brightness(), backbone=DigitsBackbone(tiny_digits_dir), solver=DDIM(2), seed=99)
+    with pytest.raises(ValueError, match="the checkpoint is from another run \\(seed 1 there, 99 here\\)"):
+        trainer(tmp_path / "b", 2).fit(other, datamodule=SampleSet(num_samples=2), ckpt_path=path)
+    same = LatentOptimization(objective=Brightness(), backbone=DigitsBackbone(tiny_digits_dir), solver=DDIM(2), seed=1)
+    trainer(tmp_path / "c", 2).fit(same, datamodule=SampleSet(num_samples=2), ckpt_path=path)
+    assert same.trainer.global_step == 2
