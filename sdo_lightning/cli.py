@@ -251,7 +251,8 @@ def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
         args=None if args is None else argv,
         run=run,
         trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
+        # no overwrite: runs log into new version folders; with --trainer.logger false the
+        # folder is the working directory, where a config.yaml may be the user's own
         auto_configure_optimizers=False,
         parser_class=SDOArgumentParser,
     )

@@ -118,7 +118,10 @@ class OptimizationModule(LightningModule):
         norm = torch.stack(grads).norm() if grads else None
         bad_loss = self._nonfinite_loss
         self._nonfinite_loss = False
-        bad_grad = norm is not None and not bool(torch.isfinite(norm))
+        # fp16 mixed precision: an overflowing gradient is the GradScaler's routine signal to skip
+        # the step and lower its scale; it is not this check's business.
+        scaled = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        bad_grad = norm is not None and not scaled and not bool(torch.isfinite(norm))
         if self.trainer.world_size > 1:  # every process must take the same decision
             # (under FSDP each process sees only its shard of the gradient)
             bad_loss = self.trainer.strategy.reduce_boolean_decision(bad_loss, all=False)

@@ -172,6 +172,12 @@ class RewardFineTuning(OptimizationModule):
         loss = losses.mean()
         self.log_terms(losses, self.objective)
         self.log("train/reward", -loss, sync_dist=True)
+        if self.trainer.world_size > 1:
+            # DDP averages the processes' losses; with shards of unequal size (e.g. 3 samples on 2
+            # processes) the mean of their means over-weights the smaller shard. Scaled like
+            # this, the averaged gradient is that of the mean over all samples.
+            total = self.trainer.strategy.reduce(torch.tensor(float(len(losses)), device=losses.device), reduce_op="sum")
+            loss = losses.sum() * self.trainer.world_size / total
         if self.adapter_l2:
             penalty = sum(p.float().pow(2).sum() for p in self.lora_params)
             self.log("train/adapter_l2", penalty)

@@ -246,3 +246,18 @@ def test_checkpoint_of_another_run_is_refused(tiny_digits_dir, tmp_path):
     same = LatentOptimization(objective=Brightness(), backbone=DigitsBackbone(tiny_digits_dir), solver=DDIM(2), seed=1)
     trainer(tmp_path / "c", 2).fit(same, datamodule=SampleSet(num_samples=2), ckpt_path=path)
     assert same.trainer.global_step == 2
+
+
+def test_fp16_gradscaler_overflow_is_left_to_the_scaler(tiny_digits_dir, tmp_path):
+    """Under 16-mixed precision an overflowing gradient is the GradScaler's routine signal (it
+    skips the step and lowers its scale), not a non-finite step: on_nonfinite: stop must not fire."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    module = LatentOptimization(objective=Brightness(), backbone=DigitsBackbone(tiny_digits_dir), solver=DDIM(3),
+                                on_nonfinite="stop")
+    # a start scale that surely overflows, as GradScaler's default 65536 does for real models
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    trainer(tmp_path, 3, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(
+        module, datamodule=SampleSet(num_samples=2))
+    assert module.trainer.global_step == 3 and module.skipped_steps == 0
+    assert scaler.get_scale() < 2.0**127  # the scaler did see the overflow and backed off

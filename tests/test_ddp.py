@@ -95,6 +95,18 @@ def test_lora_ddp_equals_one_process_on_the_combined_batch(tiny_digits_dir, tmp_
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-7)
 
 
+def test_lora_ddp_with_uneven_shards_weights_every_sample_equally(tiny_digits_dir, tmp_path, free_port):
+    """3 samples on 2 processes (2 + 1): the adapters still follow the mean over all 3 samples,
+    as one process does (a mean of the two shard means would weight the lone sample 1/2)."""
+    two = run(lora_module(tiny_digits_dir), SampleSet(num_samples=3), tmp_path / "ddp", 2, 2)
+    one = run(lora_module(tiny_digits_dir), SampleSet(num_samples=3), tmp_path / "single", 2, 1)
+    assert [len(r["batches"][0]["index"]) for r in two] == [2, 1]
+    state0, single = two[0]["state"], one[0]["state"]
+    diff = max((state0[k] - single[k]).abs().max().item() for k in single)
+    moved = max(state0[k].abs().max().item() for k in single if "lora_B" in k)
+    assert moved > 0.05 and diff < 1e-4, (diff, moved)
+
+
 def test_latent_ddp_shards_samples_and_gathers_results(tiny_digits_dir, tmp_path, free_port):
     def module():
         return LatentOptimization(objective=Brightness(), backbone=DigitsBackbone(tiny_digits_dir), solver=DDIM(3),
