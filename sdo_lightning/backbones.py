@@ -144,6 +144,21 @@ def _unit_range(images: Tensor) -> Tensor:
     return images + (images.clamp(0, 1) - images).detach()
 
 
+def _vae_decode(vae: nn.Module, latents: Tensor) -> Tensor:
+    """Images in [0, 1] from the diffusion model's scaled latents, differentiably."""
+    cfg = vae.config
+    z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    images = vae.decode(z.to(vae.dtype)).sample.to(latents.dtype)
+    return _unit_range((images + 1) / 2)
+
+
+def _vae_encode(vae: nn.Module, images: Tensor) -> Tensor:
+    """The diffusion model's scaled latents (posterior mean) of images in [0, 1]."""
+    cfg = vae.config
+    mean = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mean.to(images.dtype)
+    return (mean - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+
 class PixelUNetBackbone(Backbone):
     """A pixel-space diffusers ``UNet2DModel``: DDPM/DDIM pipelines such as ``google/ddpm-cifar10-32``.
 
@@ -375,7 +390,6 @@ class StableDiffusionBackbone(Backbone):
         self.vae_scale = pipe.vae_scale_factor
         size = self.unet.config.sample_size
         self.latent_shape = (self.unet.config.in_channels, size, size)
-        self.scaling_factor = self.vae.config.scaling_factor
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
         self.lora = lora  # e.g. an LCM-LoRA fused at load time (the solver check reads it)
@@ -435,13 +449,10 @@ class StableDiffusionBackbone(Backbone):
         return uncond + self.guidance_scale * (text - uncond)
 
     def decode(self, latents: Tensor) -> Tensor:
-        images = self.vae.decode((latents / self.scaling_factor).to(self.vae.dtype)).sample.to(latents.dtype)
-        images = (images + 1) / 2
-        return images + (images.clamp(0, 1) - images).detach()
+        return _vae_decode(self.vae, latents)
 
     def encode(self, images: Tensor) -> Tensor:
-        posterior = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
-        return posterior.mean.to(images.dtype) * self.scaling_factor
+        return _vae_encode(self.vae, images)
 
     def save_lora(self, directory: str | Path) -> Path:
         """Write the UNet adapter in diffusers' format: ``pipeline.load_lora_weights(directory)``."""
@@ -617,12 +628,7 @@ class PixArtAlphaBackbone(Backbone):
         return uncond + self.guidance_scale * (text - uncond)
 
     def decode(self, latents: Tensor) -> Tensor:
-        cfg = self.vae.config
-        z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-        images = self.vae.decode(z.to(self.vae.dtype)).sample.to(latents.dtype)
-        return _unit_range((images + 1) / 2)
+        return _vae_decode(self.vae, latents)
 
     def encode(self, images: Tensor) -> Tensor:
-        cfg = self.vae.config
-        mean = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist.mean.to(images.dtype)
-        return (mean - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+        return _vae_encode(self.vae, images)
