@@ -333,7 +333,25 @@ class TextCondition:
         return self._map(lambda v: v.to(device))
 
 
-class StableDiffusionBackbone(Backbone):
+class _TextConditioned(Backbone):
+    """What the prompt-conditioned backbones share: prompts from the batch, and the prompt
+    embeddings as the optimizable conditioning."""
+
+    def _prompts(self, batch: dict[str, Any]) -> list[str]:
+        prompts = batch.get("prompt")
+        if prompts is None:
+            raise KeyError(f"{type(self).__name__} needs batch['prompt'] (a list of strings); use a PromptSet "
+                           "data module.")
+        return [prompts] if isinstance(prompts, str) else list(prompts)
+
+    def condition_embedding(self, cond: TextCondition) -> Tensor:
+        return cond.embeds.detach().clone()
+
+    def with_embedding(self, cond: TextCondition, embedding: Tensor) -> TextCondition:
+        return replace(cond, embeds=embedding)
+
+
+class StableDiffusionBackbone(_TextConditioned):
     """Stable Diffusion 1.x/2.x (UNet + CLIP text encoder + VAE), or an LCM-distilled SD UNet.
 
     Conditioning comes from ``batch["prompt"]`` (a list of strings). With ``guidance_scale > 1``
@@ -408,21 +426,12 @@ class StableDiffusionBackbone(Backbone):
         return self.text_encoder(tokens.input_ids.to(device))[0]
 
     def encode_condition(self, batch: dict[str, Any]) -> TextCondition:
-        prompts = batch.get("prompt")
-        if prompts is None:
-            raise KeyError("StableDiffusionBackbone needs batch['prompt'] (a list of strings); use a PromptSet data module.")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = self._prompts(batch)
         embeds = self._embed(prompts)
         negative = None
         if self.guidance_scale != 1.0 and not self.guidance_embedding:
             negative = self._embed([self.negative_prompt] * len(prompts))
         return TextCondition(embeds, negative)
-
-    def condition_embedding(self, cond: TextCondition) -> Tensor:
-        return cond.embeds.detach().clone()
-
-    def with_embedding(self, cond: TextCondition, embedding: Tensor) -> TextCondition:
-        return replace(cond, embeds=embedding)
 
     def _guidance_cond(self, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         # Sinusoidal embedding of (w - 1) * 1000, the guidance input of LCM-distilled UNets.
@@ -491,7 +500,7 @@ def _load_t5_tokenizer(model: str, **hub: Any) -> Any:
         raise
 
 
-class PixArtAlphaBackbone(Backbone):
+class PixArtAlphaBackbone(_TextConditioned):
     """PixArt-alpha (a DiT: ``PixArtTransformer2DModel`` + T5 text encoder + VAE).
 
     Conditioning comes from ``batch["prompt"]`` (a list of strings), encoded by T5 into
@@ -583,21 +592,12 @@ class PixArtAlphaBackbone(Backbone):
         return self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0], mask
 
     def encode_condition(self, batch: dict[str, Any]) -> TextCondition:
-        prompts = batch.get("prompt")
-        if prompts is None:
-            raise KeyError("PixArtAlphaBackbone needs batch['prompt'] (a list of strings); use a PromptSet data module.")
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = self._prompts(batch)
         embeds, mask = self._embed(prompts)
         negative = negative_mask = None
         if self.guidance_scale != 1.0:
             negative, negative_mask = self._embed([self.negative_prompt] * len(prompts))
         return TextCondition(embeds, negative, mask, negative_mask)
-
-    def condition_embedding(self, cond: TextCondition) -> Tensor:
-        return cond.embeds.detach().clone()
-
-    def with_embedding(self, cond: TextCondition, embedding: Tensor) -> TextCondition:
-        return replace(cond, embeds=embedding)
 
     def _size_conditions(self, x: Tensor) -> dict[str, Tensor | None]:
         """Resolution and aspect ratio of the images ``x`` decodes to, for models trained with them."""
