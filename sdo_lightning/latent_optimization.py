@@ -20,7 +20,8 @@ from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.images import save_before_after
 from sdo_lightning.data import shard
 from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
-from sdo_lightning.sampling import ddim_invert, sample
+from sdo_lightning.inversion import ddim_invert
+from sdo_lightning.sampling import sample
 from sdo_lightning.solvers import DDIM
 
 

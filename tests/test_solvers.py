@@ -110,7 +110,7 @@ def test_default_solvers_do_not_warn(recwarn, denoiser):
 def test_ddim_inversion_is_the_exact_inverse_for_a_constant_network():
     """With an output that does not depend on (x, t), DDIM sampling is an affine map and the
     inversion must undo it exactly: invert x0 to x_600, sample back, get x0."""
-    from sdo_lightning.sampling import ddim_invert
+    from sdo_lightning.inversion import ddim_invert
 
     c = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     x0 = torch.rand(2, 1, 8, 8, dtype=torch.float64) * 2 - 1
