@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers import DDIMScheduler
 from torch import Tensor
 
 from sdo_lightning.contracts import Solver
 from sdo_lightning.sampling import Denoiser
+
+#: the network outputs ``ddim_invert`` understands: the scheduler config's ``prediction_type``
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @torch.no_grad()
@@ -22,20 +26,60 @@ def ddim_invert(
     """DDIM inversion: walk the trajectory ``solver`` would sample, backwards, from clean ``x0``
     to the latent at the solver's first timestep (its ``start_timestep``).
 
-    Each step is the DDIM update run in reverse (eta = 0): with ``eps`` the network output at the
-    next, noisier timestep t and ``a`` the cumulative alphas,
-    ``x_t = sqrt(a_t) * (x - sqrt(1 - a_s) * eps) / sqrt(a_s) + sqrt(1 - a_t) * eps``.
-    It is exact when the network output does not change between neighbouring steps, and a
-    close approximation for trained models with enough steps.
+    The solver's timesteps are visited from the cleanest to the noisiest. The step to the noisier
+    timestep t starts at ``x`` on the level s that DDIM's step at t lands on (``a`` the cumulative
+    alphas): for ``DDIMScheduler`` ``s = t - num_train_timesteps // num_inference_steps``, and
+    below 0 the scheduler's final alpha (``a_s = 1`` with ``set_alpha_to_one``, else ``a[0]``),
+    which is where ``x0`` lies; for other solvers s is the next timestep of their schedule. The
+    network output ``u = denoiser(x, t)`` is read at the current level, ``a_s``, as its
+    ``prediction_type`` says (the conventions of diffusers' DDIM schedulers):
+
+    - ``epsilon``:      ``eps = u``,                                  ``x0_hat = (x - sqrt(1 - a_s) * eps) / sqrt(a_s)``
+    - ``v_prediction``: ``eps = sqrt(a_s) * u + sqrt(1 - a_s) * x``,  ``x0_hat = sqrt(a_s) * x - sqrt(1 - a_s) * u``
+    - ``sample``:       ``x0_hat = u``,                               ``eps = (x - sqrt(a_s) * x0_hat) / sqrt(1 - a_s)``
+
+    and the step is the DDIM update (eta = 0) run in reverse, in float64:
+    ``x_t = sqrt(a_t) * x0_hat + sqrt(1 - a_t) * eps``.
+    It undoes DDIM sampling exactly when ``(x0_hat, eps)`` does not change between neighbouring
+    steps (e.g. a constant epsilon network), and is a close approximation for trained models with
+    enough steps. With ``prediction_type: sample`` and ``a_s = 1`` eps is undefined: that is an error.
     """
     state = solver.begin(scheduler_config, x0.device)
-    alphas = state.scheduler.alphas_cumprod.to(x0.device, torch.float64)
+    scheduler = state.scheduler
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"ddim_invert: unknown prediction_type {prediction_type!r} in the scheduler config; "
+            f"accepted: {', '.join(map(repr, PREDICTION_TYPES))}."
+        )
+    alphas = scheduler.alphas_cumprod.to(x0.device, torch.float64)
+    final = torch.as_tensor(getattr(scheduler, "final_alpha_cumprod", 1.0)).to(x0.device, torch.float64)
+    timesteps = [int(t) for t in state.timesteps]  # noisiest first
+    if isinstance(scheduler, DDIMScheduler):  # where DDIMScheduler.step at t lands
+        stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        landing = [t - stride for t in timesteps]
+    else:  # the next timestep of the schedule, the final alpha after the last
+        landing = timesteps[1:] + [-1]
+
     x = x0.double()
-    a_cur = torch.tensor(1.0, dtype=torch.float64, device=x0.device)  # clean data
-    for t in reversed(state.timesteps):
-        eps = denoiser(x.to(x0.dtype), t, cond).double()
-        a_next = alphas[int(t)]
-        x0_hat = (x - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()
-        x = a_next.sqrt() * x0_hat + (1 - a_next).sqrt() * eps
-        a_cur = a_next
+    for t, s, t_net in zip(reversed(timesteps), reversed(landing), reversed(state.timesteps)):
+        a_s = alphas[s] if s >= 0 else final
+        a_t = alphas[t]
+        u = denoiser(x.to(x0.dtype), t_net, cond).double()
+        if prediction_type == "epsilon":
+            eps = u
+            x0_hat = (x - (1 - a_s).sqrt() * eps) / a_s.sqrt()
+        elif prediction_type == "v_prediction":
+            eps = a_s.sqrt() * u + (1 - a_s).sqrt() * x
+            x0_hat = a_s.sqrt() * x - (1 - a_s).sqrt() * u
+        else:  # sample
+            if a_s >= 1:
+                raise ValueError(
+                    "ddim_invert: with prediction_type 'sample' the first step starts at alpha_bar = 1 "
+                    "(set_alpha_to_one=True), where the network's x0 carries no noise estimate; set "
+                    "scheduler_kwargs: {set_alpha_to_one: false} to invert such a model."
+                )
+            x0_hat = u
+            eps = (x - a_s.sqrt() * x0_hat) / (1 - a_s).sqrt()
+        x = a_t.sqrt() * x0_hat + (1 - a_t).sqrt() * eps
     return x.to(x0.dtype)
