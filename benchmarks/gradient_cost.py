@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(t.startswith("lora") for t in args.targets):
             add_adapters(bb, args.seed)
         if args.channels_last or args.compile:
-            from sdo_lightning.backbones import _speed_up
+            from sdo_lightning.backbones.base import speed_up as _speed_up
 
             _speed_up(bb.unet, args.compile, args.channels_last)
         log(f"[{bb_name}] built in {time.perf_counter() - t0:.1f}s; {len(bb.trainable)} trainable tensors "

@@ -58,14 +58,17 @@ def default_callbacks(configured: list[Any], trainer_config: dict[str, Any]) -> 
         out.append(InterruptCheckpoint())
     return out
 
-#: parameter name -> (what it is, the registry kind or a callable listing the known class names)
-_KINDS: dict[str, tuple[str, Any]] = {
+#: parameter name -> (what it is, the registry kind of the classes it takes)
+_KINDS: dict[str, tuple[str, str]] = {
     "objective": ("objective", "objectives"),
     "held_out_objective": ("objective", "objectives"),
     "objectives": ("objective", "objectives"),
     "solver": ("solver", "solvers"),
     "gradient_mode": ("gradient mode", "gradient_modes"),
+    "backbone": ("backbone", "backbones"),
 }
+#: the top-level keys, matched whole (``model`` is also an argument of every backbone)
+_TOP_KINDS: dict[str, tuple[str, str]] = {"model": ("module", "modules"), "data": ("data module", "data")}
 # lines of jsonargparse's nested messages that only say where the problem is, not what it is
 _WRAPPERS = re.compile(
     r"^(- )?(Parser key|Does not validate against|Subtypes:|Errors:|Problem with given class_path|"
@@ -74,32 +77,13 @@ _WRAPPERS = re.compile(
 )
 
 
-def _subclass_names(base: type) -> list[str]:
-    out, todo = set(), [base]
-    while todo:
-        for sub in todo.pop().__subclasses__():
-            todo.append(sub)
-            if not sub.__name__.startswith(("_", "LazyInstance_")) and not getattr(sub, "__abstractmethods__", None):
-                out.add(sub.__name__)
-    return sorted(out)
-
-
 def _known(key: str) -> tuple[str, list[str]] | None:
-    from sdo_lightning.backbones import Backbone
-    from sdo_lightning.contracts import REGISTRY
-
-    last = key.rsplit(".", 1)[-1]
-    last = re.sub(r"\[\d+\]$", "", last)
-    if last in _KINDS:
-        what, kind = _KINDS[last]
-        return what, sorted(REGISTRY[kind])
-    if last == "backbone":
-        return "backbone", _subclass_names(Backbone)
-    if key == "model":
-        return "module", ["LatentOptimization", "RewardFineTuning"]
-    if key == "data":
-        return "data module", ["PromptSet", "SampleSet"]
-    return None
+    last = re.sub(r"\[\d+\]$", "", key.rsplit(".", 1)[-1])
+    found = _TOP_KINDS.get(key) or _KINDS.get(last)
+    if found is None:
+        return None
+    what, kind = found
+    return what, registry.names(kind)
 
 
 def short_error(message: str) -> str:

@@ -1,7 +1,8 @@
 """The three public plugin contracts: :class:`Objective`, :class:`Solver`, :class:`GradientMode`.
 
-A plugin is a subclass of one of these. Defining (importing) a concrete subclass registers it
-under its class name; see :mod:`sdo_lightning.registry` for how third-party packages are found.
+A plugin is a subclass of one of these (or of :class:`~sdo_lightning.backbones.Backbone`, the
+fourth kind). Defining (importing) a concrete subclass registers it under its class name; see
+:mod:`sdo_lightning.registry` for the table and how third-party packages are found.
 """
 
 from __future__ import annotations
@@ -15,24 +16,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-# kind -> {class name -> class}; filled by ``__init_subclass__`` of the three contracts.
-REGISTRY: dict[str, dict[str, type]] = {"objectives": {}, "solvers": {}, "gradient_modes": {}}
+from sdo_lightning import registry
 
-
-def _register(kind: str, cls: type) -> None:
-    # Abstract helpers, private classes and jsonargparse's lazy_instance subclasses
-    # (LazyInstance_<Name>, defaults of constructor arguments) are not plugins.
-    if inspect.isabstract(cls) or cls.__name__.startswith(("_", "LazyInstance_")):
-        return
-    known = REGISTRY[kind].get(cls.__name__)
-    if known is not None and known is not cls and known.__module__ != cls.__module__:
-        warnings.warn(
-            f"{kind[:-1]} {cls.__name__!r} from {cls.__module__} shadows the one from "
-            f"{known.__module__}; rename one of them, since YAML refers to plugins by class name.",
-            stacklevel=3,
-        )
-    REGISTRY[kind][cls.__name__] = cls
-
+REGISTRY = registry._TABLE  # transitional: use registry.classes(kind)
 
 class Objective(nn.Module, abc.ABC):
     """A differentiable metric on generated images: lower is better.
@@ -47,9 +33,10 @@ class Objective(nn.Module, abc.ABC):
     probability) that the LightningModules log beside the loss.
     """
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _register("objectives", cls)
+        if register:
+            registry.register("objectives", cls)
 
     def __init__(self) -> None:
         super().__init__()
@@ -98,9 +85,10 @@ class Solver(abc.ABC):
     #: config values this project sets unless the user overrides them (see the warnings)
     default_overrides: ClassVar[dict[str, Any]] = {}
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _register("solvers", cls)
+        if register:
+            registry.register("solvers", cls)
 
     def __init__(
         self,
@@ -231,9 +219,10 @@ class GradientMode(abc.ABC):
     under ``torch.no_grad()``. Subclasses implement :meth:`plan`.
     """
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _register("gradient_modes", cls)
+        if register:
+            registry.register("gradient_modes", cls)
 
     @abc.abstractmethod
     def plan(self, num_calls: int, target: Target, generator: torch.Generator | None = None) -> GradientPlan:

@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from sdo_lightning import registry
+
 # The loaders here have no workers, so an IterableDataset's __len__ is exact.
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 
@@ -111,7 +113,16 @@ class _Samples(Dataset):
         return {k: v[i] for k, v in self.columns.items()}
 
 
-class SampleSet(LightningDataModule):
+class _DataModule(LightningDataModule):
+    """Base of the data modules here: subclasses are listed in the CLI's messages by class name."""
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if register:
+            registry.register("data", cls)
+
+
+class SampleSet(_DataModule):
     """A set of samples to optimize, each one a seed, a class label and a target.
 
     Every optimizer step sees the whole set as one batch, so each sample's variables get one
@@ -179,7 +190,7 @@ class SampleSet(LightningDataModule):
         return _PositionFreeLoader(_Repeat(self.shard_batch(rank, world_size), batches), batch_size=None)
 
 
-class PromptSet(LightningDataModule):
+class PromptSet(_DataModule):
     """Prompts for fine-tuning: every optimizer step draws a new batch from a list of prompts.
 
     The draw is a pure function of ``seed`` and the optimizer step: the prompts are shuffled

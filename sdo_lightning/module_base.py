@@ -11,7 +11,9 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from sdo_lightning.contracts import Target
+from sdo_lightning import registry
+from sdo_lightning.backbones import Backbone
+from sdo_lightning.contracts import Solver, Target
 
 # The backbone and objective networks are frozen and in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -21,13 +23,13 @@ class NonFiniteError(FloatingPointError):
     """A loss or gradient was NaN or infinite and the module was told to stop (``on_nonfinite: stop``)."""
 
 
-def check_solver_fits_backbone(solver: Any, backbone: Any) -> None:
+def check_solver_fits_backbone(solver: Solver, backbone: Backbone) -> None:
     """Warn when an LCM solver meets a model that is not LCM-distilled, or the other way round."""
     from sdo_lightning.solvers import LCMMultistep
 
-    scheduler_name = str(getattr(backbone, "scheduler_config", {}).get("_class_name", ""))
-    lcm_model = bool(getattr(backbone, "guidance_embedding", False)) or scheduler_name == "LCMScheduler"
-    lcm_lora = getattr(backbone, "lora", None) is not None  # e.g. an LCM-LoRA fused at load time
+    scheduler_name = str(backbone.scheduler_config.get("_class_name", ""))
+    lcm_model = backbone.lcm_distilled
+    lcm_lora = backbone.fused_lora is not None  # e.g. an LCM-LoRA fused at load time
     name = type(backbone).__name__
     if isinstance(solver, LCMMultistep) and not (lcm_model or lcm_lora):
         rank_zero_warn(
@@ -54,6 +56,11 @@ class OptimizationModule(LightningModule):
     and the optimizer state stay as they were), or stops the fit with :class:`NonFiniteError`
     before the step (``on_nonfinite: stop``).
     """
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if register:
+            registry.register("modules", cls)
 
     def __init__(self, seed: int, on_nonfinite: Literal["skip", "stop"] = "skip") -> None:
         super().__init__()

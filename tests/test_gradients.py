@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
 from sdo_lightning import Target, sample
-from sdo_lightning.contracts import REGISTRY
+from sdo_lightning import registry
 from sdo_lightning.gradient_modes import FullBackprop, ShortcutGradient, TruncatedBackprop
 from sdo_lightning.solvers import DDIM, DPMSolverPlusPlus, LCMMultistep
 
@@ -223,11 +223,11 @@ def test_truncated_rejects_unreachable_latent():
         TruncatedBackprop(k=2).plan(10, Target.latent())
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY["gradient_modes"]))
+@pytest.mark.parametrize("name", registry.names("gradient_modes"))
 @pytest.mark.parametrize("target", [Target.latent(), Target.parameters()], ids=["latent", "parameters"])
 def test_every_gradient_mode_plans_a_graph(name, target):
     """Contract test over every registered gradient mode."""
-    mode = REGISTRY["gradient_modes"][name]()
+    mode = registry.classes("gradient_modes")[name]()
     try:
         plan = mode.plan(7, target, torch.Generator().manual_seed(0))
     except ValueError:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdo_lightning.contracts import REGISTRY
+from sdo_lightning import registry
 from sdo_lightning.objectives import CLIPScore, ClassifierObjective, L2Fidelity, WeightedSum
 from tiny_models import build_tiny_clip
 
@@ -66,7 +66,7 @@ def test_untargeted_classifier_moves_away_from_the_source_class():
 
 @pytest.mark.parametrize("name", ["ClassifierObjective", "L2Fidelity"])
 def test_registered_objectives_return_one_loss_per_sample(name):
-    objective = REGISTRY["objectives"][name](**({"target_class": 3} if name == "ClassifierObjective" else {}))
+    objective = registry.classes("objectives")[name](**({"target_class": 3} if name == "ClassifierObjective" else {}))
     x = torch.rand(3, 1, 16, 16, requires_grad=True)
     loss = objective(x, {"initial_images": torch.rand(3, 1, 16, 16)})
     assert loss.shape == (3,)

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
 from sdo_lightning import Solver, sample
-from sdo_lightning.contracts import REGISTRY
+from sdo_lightning import registry
 from sdo_lightning.solvers import DDIM, LCMMultistep, DPMSolverPlusPlus
 
 CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
@@ -68,11 +68,11 @@ def test_start_timestep_below_schedule_is_an_error():
         DDIM(10, start_timestep=-1).begin(CONFIG)
 
 
-@pytest.mark.parametrize("name", sorted(REGISTRY["solvers"]))
+@pytest.mark.parametrize("name", registry.names("solvers"))
 @torch.no_grad()
 def test_every_solver_has_fresh_state_per_trajectory(name, denoiser):
     """Contract test over every registered solver: two trajectories with the same seed agree."""
-    solver = REGISTRY["solvers"][name](num_inference_steps=4)
+    solver = registry.classes("solvers")[name](num_inference_steps=4)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     run = lambda: sample(lambda x, t, c: denoiser(x, t), solver, x, generator=torch.Generator().manual_seed(5), scheduler_config=CONFIG)
     first, second = run(), run()

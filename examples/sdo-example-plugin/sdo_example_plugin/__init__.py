@@ -1,4 +1,5 @@
-"""An sdo-lightning objective plugin living in its own distribution."""
+"""sdo-lightning plugins living in their own distribution: an objective here, a backbone in
+:mod:`sdo_example_plugin.backbone`."""
 
 from __future__ import annotations
 

@@ -1,0 +1,173 @@
+"""The :class:`Backbone` contract, and the base of the prompt-conditioned backbones.
+
+A backbone puts a diffusion model behind one small interface the LightningModules use: it
+loads the networks, turns a batch into conditioning, denoises (guidance included), decodes
+latents to images in [0, 1] and encodes images back. It owns no optimization. Defining
+(importing) a concrete subclass registers it under its class name, like the other plugins.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from sdo_lightning import registry
+
+
+class Backbone(nn.Module, abc.ABC):
+    """The interface between a diffusion model and the optimization code.
+
+    Everything the LightningModules, the sampling loop and the diagnostics ask of a model is
+    declared here; a new model family implements the abstract methods and sets the attributes.
+
+    Attributes:
+        scheduler_config: the model's training noise schedule (a diffusers scheduler config),
+            handed to every :class:`~sdo_lightning.Solver`.
+        latent_shape: ``(C, H, W)`` of one latent.
+        lora_target_modules: layer names LoRA adapts by default (peft ``target_modules``).
+        fused_lora: the LoRA weights fused into the network at load time (e.g. an LCM-LoRA), or
+            None; the solver check reads it.
+    """
+
+    scheduler_config: dict[str, Any]
+    latent_shape: tuple[int, int, int]
+    lora_target_modules: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
+    fused_lora: str | None = None
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if register:
+            registry.register("backbones", cls)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, **options: Any) -> "Backbone":
+        """A backbone around an already built diffusers pipeline (random weights for a benchmark,
+        a pipeline a notebook holds), without loading anything.
+
+        ``options`` are the constructor's arguments that do not concern loading (e.g.
+        ``guidance_scale``); the others keep the constructor's defaults. Families that support it
+        implement ``_adopt(pipe, **options)``, which the constructor calls after loading.
+        """
+        adopt = getattr(cls, "_adopt", None)
+        if adopt is None:
+            raise TypeError(f"{cls.__name__} does not support from_pipeline; construct it with a model path.")
+        accepted = [n for n in inspect.signature(adopt).parameters if n not in ("self", "pipe")]
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pipeline: unknown options {unknown}; accepted: {accepted}.")
+        defaults = inspect.signature(cls.__init__).parameters
+        merged = {n: options[n] if n in options else defaults[n].default for n in accepted}
+        backbone = cls.__new__(cls)
+        nn.Module.__init__(backbone)
+        backbone._adopt(pipe, **merged)
+        return backbone
+
+    @property
+    @abc.abstractmethod
+    def network(self) -> nn.Module:
+        """The denoising network (UNet or transformer) that fine-tuning adapts."""
+
+    @property
+    def lcm_distilled(self) -> bool:
+        """True for a model distilled for LCM sampling (its scheduler is an ``LCMScheduler``, or
+        it has a guidance embedding); an LCM-LoRA fused at load time shows in ``fused_lora``."""
+        return str(self.scheduler_config.get("_class_name", "")) == "LCMScheduler"
+
+    @abc.abstractmethod
+    def encode_condition(self, batch: dict[str, Any]) -> Any:
+        """Conditioning for ``denoise`` from a batch (class labels, prompts, ...): a tensor with one
+        row per sample, or an object with ``__getitem__`` (rows) and ``to(device)``."""
+
+    def condition_embedding(self, cond: Any) -> Tensor | None:
+        """A float embedding of ``cond`` that can be optimized, or None when there is none."""
+        return None
+
+    def with_embedding(self, cond: Any, embedding: Tensor) -> Any:
+        """``cond`` with its embedding replaced by ``embedding`` (an optimized one)."""
+        return embedding
+
+    @abc.abstractmethod
+    def denoise(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """The network output at ``(x, t)``, with classifier-free guidance where configured."""
+
+    @abc.abstractmethod
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images ``(B, C, H, W)`` in ``[0, 1]`` from latents (differentiable)."""
+
+    @abc.abstractmethod
+    def encode(self, images: Tensor) -> Tensor:
+        """Latents from images in ``[0, 1]`` (for inversion of real images)."""
+
+    def save_lora(self, directory: str | Path) -> Path:
+        """Write the network's LoRA adapter; peft's layout unless a backbone has a better one."""
+        from sdo_lightning.lora import save_adapter
+
+        return save_adapter(self.network, directory)
+
+
+def unit_range(images: Tensor) -> Tensor:
+    """``images`` clamped to [0, 1] in the forward pass only.
+
+    A plain clamp would give no gradient to the many pixels just outside [0, 1], so an
+    objective could never move them back in.
+    """
+    return images + (images.clamp(0, 1) - images).detach()
+
+
+def speed_up(network: nn.Module, compile: bool | str, channels_last: bool) -> None:
+    """Optional speed-ups of the denoiser, in place (state-dict keys unchanged)."""
+    if channels_last:
+        network.to(memory_format=torch.channels_last)
+    if compile:
+        # nn.Module.compile compiles forward in place; a string names the torch.compile backend.
+        network.compile(**({} if compile is True else {"backend": compile}))
+
+
+@dataclass
+class TextCondition:
+    """Prompt embeddings and the negative-prompt embeddings classifier-free guidance needs.
+
+    ``mask`` and ``negative_mask`` are the text encoder's attention masks ``(B, L)`` (1 = token,
+    0 = padding) for models whose cross-attention skips padding (T5-conditioned ones); None
+    where the model attends to every position (CLIP-conditioned Stable Diffusion).
+    """
+
+    embeds: Tensor
+    negative_embeds: Tensor | None
+    mask: Tensor | None = None
+    negative_mask: Tensor | None = None
+
+    def _map(self, fn: Any) -> "TextCondition":
+        fields = (self.embeds, self.negative_embeds, self.mask, self.negative_mask)
+        return TextCondition(*(None if v is None else fn(v) for v in fields))
+
+    def __getitem__(self, index: Tensor) -> "TextCondition":
+        return self._map(lambda v: v[index])
+
+    def to(self, device: torch.device | str) -> "TextCondition":
+        return self._map(lambda v: v.to(device))
+
+
+class TextConditionedBackbone(Backbone):
+    """The base of prompt-conditioned backbones: prompts from ``batch["prompt"]``, and the
+    prompt embeddings (:class:`TextCondition`) as the optimizable conditioning."""
+
+    def prompts(self, batch: dict[str, Any]) -> list[str]:
+        """The batch's prompts, one per sample."""
+        prompts = batch.get("prompt")
+        if prompts is None:
+            raise KeyError(f"{type(self).__name__} needs batch['prompt'] (a list of strings); use a PromptSet "
+                           "data module.")
+        return [prompts] if isinstance(prompts, str) else list(prompts)
+
+    def condition_embedding(self, cond: TextCondition) -> Tensor:
+        return cond.embeds.detach().clone()
+
+    def with_embedding(self, cond: TextCondition, embedding: Tensor) -> TextCondition:
+        return replace(cond, embeds=embedding)

@@ -1,0 +1,109 @@
+"""Loading diffusers models with one-sentence errors, and the diffusers conventions the
+backbones share (learned-sigma outputs, VAE scaling and shift factors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sdo_lightning._hub import offline
+from sdo_lightning.backbones.base import unit_range
+
+__all__ = ["offline", "load_failed", "from_subfolder_or_root", "torch_dtype", "epsilon_only", "epsilon_half",
+           "vae_decode", "vae_encode", "load_t5_tokenizer"]
+
+
+def load_failed(what: str, model: str, err: Exception) -> FileNotFoundError:
+    """One sentence for a model that did not load: a local path that holds no pipeline, or a hub
+    id that is neither cached nor reachable."""
+    local = (model.startswith((".", "~")) or Path(model).is_absolute() or model.count("/") > 1
+             or Path(model).expanduser().exists())
+    if local:
+        how = ("no diffusers pipeline is there: check the path, or download one into it with "
+               f"`hf download <hub id> --local-dir {model}`")
+    else:
+        how = (f"it is not in the local cache and could not be fetched from the hub (offline, or no such repository): "
+               f"fetch it with network access (`hf download {model}`) or give a local pipeline directory")
+    # the first clause of the original message, so the whole error stays one sentence
+    detail = (str(err).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")[:200]
+    return FileNotFoundError(f"could not load the {what} from {model!r} ({type(err).__name__}: {detail}); {how}.")
+
+
+def from_subfolder_or_root(load: Any, model: str, subfolder: str, **kwargs: Any) -> Any:
+    """``load(model, subfolder=...)``, falling back to the top level of ``model`` (a lone
+    ``save_pretrained`` layout); the subfolder's error is the one raised when both fail."""
+    try:
+        return load(model, subfolder=subfolder, **kwargs)
+    except OSError as first:
+        try:
+            return load(model, **kwargs)
+        except OSError:
+            raise first from None
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """``torch.bfloat16`` for ``"bfloat16"`` and so on; None for None."""
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {name!r} is not a torch dtype; use e.g. bfloat16, float16 or float32.")
+    return dtype
+
+
+def epsilon_only(scheduler_config: dict[str, Any]) -> dict[str, Any]:
+    """The scheduler config for a denoiser that returns epsilon only.
+
+    Learned-sigma models declare ``variance_type: learned(_range)``; diffusers schedulers then
+    read the first 3 channels (DPM-Solver) or split the output in two (DDPM). The backbones hand
+    on the epsilon half alone, so the variance type must not reach the solver.
+    """
+    config = dict(scheduler_config)
+    if config.get("variance_type") in ("learned", "learned_range"):
+        del config["variance_type"]
+    return config
+
+
+def epsilon_half(out: Tensor, channels: int) -> Tensor:
+    """The epsilon half of a learned-sigma output (``2 * channels`` channels: epsilon, variance)."""
+    return out[:, :channels] if out.shape[1] == 2 * channels else out
+
+
+def vae_decode(vae: nn.Module, latents: Tensor) -> Tensor:
+    """Images in [0, 1] from the diffusion model's scaled latents, differentiably."""
+    cfg = vae.config
+    z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    images = vae.decode(z.to(vae.dtype)).sample.to(latents.dtype)
+    return unit_range((images + 1) / 2)
+
+
+def vae_encode(vae: nn.Module, images: Tensor) -> Tensor:
+    """The diffusion model's scaled latents (posterior mean) of images in [0, 1]."""
+    cfg = vae.config
+    mean = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mean.to(images.dtype)
+    return (mean - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+
+def load_t5_tokenizer(model: str, what: str = "PixArt-alpha pipeline", **hub: Any) -> Any:
+    """The pipeline's tokenizer through transformers' Auto classes: a ``tokenizer.json`` loads as
+    it is; a sentencepiece ``spiece.model`` (what real PixArt repos ship) needs sentencepiece."""
+    from importlib.util import find_spec
+
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model, subfolder="tokenizer", **hub)
+    except OSError as err:
+        raise load_failed(what, model, err) from None
+    except (ImportError, ValueError) as err:
+        # Without sentencepiece, transformers fails on spiece.model with a misleading error (it
+        # falls back to reading the file as a tiktoken vocabulary).
+        if find_spec("sentencepiece") is None:
+            raise ImportError(
+                f"the tokenizer of {model!r} is a sentencepiece model, which needs the sentencepiece package: "
+                "`pip install sentencepiece`."
+            ) from err
+        raise
