@@ -4,7 +4,9 @@ Paper, section 4.2-4.3. For a latent x_k (Eq. 15, 18-19) the kept call is the fi
 reads x_k; the gradient reaches x_k through the kept call and the solver's skip path. For
 anything every call reads (parameters, prompt embeddings; Eq. 16-17, 20) the sum over calls is
 estimated by one call drawn uniformly per optimizer step: N times the expectation of that
-single-call gradient is Eq. 16.
+single-call gradient is Eq. 16. With M calls drawn, each kept call's network reads a detached
+input, so the gradient is the sum of the M calls' own terms (no cross terms between kept
+calls) and N / M times its expectation is Eq. 16.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ class ShortcutGradient(GradientMode):
 
     Args:
         num_kept: for parameter targets, keep this many calls drawn uniformly without
-            replacement (default 1, the paper's choice); a larger value lowers the variance at
-            the cost of one network graph per kept call. Latent targets always keep one call.
+            replacement (default 1, the paper's choice). The gradient is the sum of the kept
+            calls' Eq. 16 terms, so its expectation is ``num_kept / N`` times Eq. 16; a larger
+            value lowers the variance at the cost of one network graph per kept call. Latent
+            targets always keep one call.
     """
 
     def __init__(self, num_kept: int = 1) -> None:
@@ -42,4 +46,6 @@ class ShortcutGradient(GradientMode):
             # no call at all in 1/(N+1) of the steps and makes backward fail.
             kept = torch.randperm(num_calls, generator=generator)[:m].tolist()
         keep = tuple(i in kept for i in range(num_calls))
-        return GradientPlan(keep=keep)
+        # Parameter targets: each kept call contributes its direct dependence on the parameters
+        # only (Eq. 16's stop-gradient on the input); a no-op with one kept call.
+        return GradientPlan(keep=keep, detach_kept_inputs=target.kind == "parameters")

@@ -5,7 +5,7 @@ The public plugin contracts are :class:`Objective`, :class:`Solver` and :class:`
 """
 
 from sdo_lightning.contracts import GradientMode, GradientPlan, Objective, Solver, SolverState, Target
-from sdo_lightning.sampling import Denoiser, sample
+from sdo_lightning.sampling import Denoiser, Step, StepCallback, sample
 
 __version__ = "0.1.0"
 
@@ -16,6 +16,8 @@ __all__ = [
     "Objective",
     "Solver",
     "SolverState",
+    "Step",
+    "StepCallback",
     "Target",
     "sample",
 ]

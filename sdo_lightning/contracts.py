@@ -201,11 +201,16 @@ class GradientPlan:
         keep: ``keep[i]`` is True when network call ``i`` keeps its autograd graph.
         checkpoint: recompute kept calls' activations in backward (activation checkpointing).
         detach_before: detach the latent right before this call (truncated backprop), or None.
+        detach_kept_inputs: a kept call's network reads a detached copy of its input latent
+            (the solver step still uses the latent itself). With several kept calls, the
+            gradient then holds each call's own term of Eq. 16 and no cross terms through a
+            later kept call's Jacobian.
     """
 
     keep: tuple[bool, ...]
     checkpoint: bool = False
     detach_before: int | None = None
+    detach_kept_inputs: bool = False
 
     @property
     def num_kept(self) -> int:

@@ -13,6 +13,7 @@ depends on the start latent through the skip path and the gradient is zero past 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -23,6 +24,29 @@ from sdo_lightning.contracts import GradientMode, GradientPlan, Solver, Target
 
 #: ``denoiser(x, t, cond) -> model_output``; guidance (CFG) lives inside the denoiser.
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One network call of a trajectory, as :func:`sample` hands it to its ``callback``.
+
+    Attributes:
+        index: the call's position in the trajectory (0 = the first call).
+        timestep: the timestep of the call.
+        x: the latent the network read (before ``scale_model_input``).
+        model_output: the network output (guidance included).
+        next: the latent the solver stepped to.
+    """
+
+    index: int
+    timestep: Tensor
+    x: Tensor
+    model_output: Tensor
+    next: Tensor
+
+
+#: ``callback(step) -> None``, or a latent the trajectory continues from instead of ``step.next``
+StepCallback = Callable[[Step], "Tensor | None"]
 
 
 def sample(
@@ -38,6 +62,7 @@ def sample(
     scheduler_config: dict[str, Any] | None = None,
     num_calls: int | None = None,
     progress: bool = False,
+    callback: StepCallback | None = None,
 ) -> Tensor:
     """Run one trajectory from the start latent ``x`` and return x_0.
 
@@ -58,6 +83,10 @@ def sample(
         num_calls: stop after this many network calls and return the latent reached (used to
             reach an intermediate x_t); None runs the whole trajectory to x_0.
         progress: show a progress bar over the network calls.
+        callback: called after every solver step with the :class:`Step`; what it returns, if
+            not None, replaces the next latent (a trajectory recorder returns None; a Picard
+            sweep continues each call from its guess of the trajectory). Replacing the latent
+            of a multistep solver (DPM-Solver++) leaves its history as it was.
     """
     state = solver.begin(scheduler_config, x.device, generator)
     timesteps = state.timesteps if num_calls is None else state.timesteps[:num_calls]
@@ -74,6 +103,8 @@ def sample(
         if plan is not None and plan.detach_before == i:
             x = x.detach()
         model_in = solver.scale_model_input(x, t, state)
+        if plan is not None and plan.keep[i] and plan.detach_kept_inputs:
+            model_in = model_in.detach()
         if plan is not None and plan.keep[i]:
             if plan.checkpoint:
                 out = activation_checkpoint(denoiser, model_in, t, cond, use_reentrant=False)
@@ -82,5 +113,9 @@ def sample(
         else:
             with torch.no_grad():
                 out = denoiser(model_in, t, cond)
-        x = solver.step(out, t, x, state)
+        x_next = solver.step(out, t, x, state)
+        if callback is not None:
+            replaced = callback(Step(i, t, x, out, x_next))
+            x_next = x_next if replaced is None else replaced
+        x = x_next
     return x
