@@ -14,6 +14,7 @@ from torch import Tensor
 from sdo_lightning.contracts import GradientMode, GradientPlan, Target
 from sdo_lightning.gradient_modes import FullBackprop, TruncatedBackprop
 from sdo_lightning.module_base import OptimizationModule
+from sdo_lightning.sampling import Step, sample
 
 
 class _FirstCalls(GradientMode):
@@ -158,12 +159,12 @@ class GradientDiagnostics(Callback):
 
 
 @torch.no_grad()
-def trajectory(denoiser: Any, solver: Any, x_start: Tensor, cond: Any, scheduler_config: dict | None = None) -> list[Tensor]:
+def trajectory(denoiser: Any, solver: Any, x_start: Tensor, cond: Any, scheduler_config: dict | None = None,
+               generator: Any = None) -> list[Tensor]:
     """The sequential trajectory ``[x_start, x_1, ..., x_0]`` sampled without gradient."""
-    state = solver.begin(scheduler_config, x_start.device)
     states = [x_start]
-    for t in state.timesteps:
-        states.append(solver.step(denoiser(states[-1], t, cond), t, states[-1], state))
+    sample(denoiser, solver, x_start, cond, scheduler_config=scheduler_config, generator=generator,
+           callback=lambda step: states.append(step.next))
     return states
 
 
@@ -184,11 +185,16 @@ def picard_contraction(
     fixed = trajectory(denoiser, solver, x_start, cond, scheduler_config)
     if type(solver).__name__ != "DDIM" or getattr(solver, "eta", 0.0) != 0.0 or len(guess) != len(fixed):
         return float("nan"), fixed
-    state = solver.begin(scheduler_config, x_start.device)
-    swept, total = [], x_start
-    for x_j, t in zip(guess[:-1], state.timesteps):
-        total = total + (solver.step(denoiser(x_j, t, cond), t, x_j, state) - x_j)
-        swept.append(total)
+    # The sweep: call j reads the guess x^k_j (the callback continues from it) and contributes
+    # its increment step_j(x^k_j) - x^k_j.
+    increments: list[Tensor] = []
+
+    def sweep(step: Step) -> Tensor:
+        increments.append(step.next - step.x)
+        return guess[step.index + 1]
+
+    sample(denoiser, solver, guess[0], cond, scheduler_config=scheduler_config, callback=sweep)
+    swept = list(x_start + torch.cumsum(torch.stack(increments), 0))
     after = torch.sqrt(sum(((s - f).double() ** 2).sum() for s, f in zip(swept, fixed[1:])))
     before = torch.sqrt(sum(((g - f).double() ** 2).sum() for g, f in zip(guess[1:], fixed[1:])))
     return (after / before.clamp_min(1e-30)).item(), fixed

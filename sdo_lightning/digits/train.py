@@ -201,17 +201,15 @@ def train_unet(images, labels, args, gen: torch.Generator):
 @torch.no_grad()
 def quick_check(unet, scheduler_config, classifier, n: int, steps: int, seed: int) -> dict:
     """DDIM-sample ``n`` unconditional digits and summarize the classifier's view of them."""
-    from diffusers import DDIMScheduler
+    from sdo_lightning.sampling import sample
+    from sdo_lightning.solvers import DDIM
 
-    ddim = DDIMScheduler.from_config(scheduler_config, clip_sample=False)
-    ddim.set_timesteps(steps)
     gen = torch.Generator().manual_seed(seed)
     size = unet.config.sample_size
     x = torch.randn(n, 1, size, size, generator=gen)
     y = torch.full((n,), NULL_CLASS, dtype=torch.long)
-    for t in ddim.timesteps:
-        eps = unet(x, t, class_labels=y).sample
-        x = ddim.step(eps, t, x, eta=0.0).prev_sample
+    x = sample(lambda x, t, labels: unet(x, t, class_labels=labels).sample, DDIM(steps), x, y,
+               scheduler_config=dict(scheduler_config))
     probs = classifier(((x + 1) / 2).clamp(0, 1)).softmax(1)
     hist = torch.bincount(probs.argmax(1), minlength=NUM_CLASSES).float() / n
     entropy = -(hist[hist > 0] * hist[hist > 0].log()).sum().item() / math.log(NUM_CLASSES)
