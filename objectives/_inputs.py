@@ -39,17 +39,25 @@ def as_rgb(images: Tensor) -> Tensor:
     return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
 
 
-def resize_center_crop(images: Tensor, crop: int, resize: int | None = None, mode: str = "bicubic") -> Tensor:
+def resize_center_crop(images: Tensor, crop: int, resize: int | tuple[int, int] | None = None,
+                       mode: str = "bicubic") -> Tensor:
     """Resize so the short side is ``resize`` (default ``crop``), then center-crop ``crop x crop``.
 
     The tensor version of the usual eval transform (``Resize(resize)`` + ``CenterCrop(crop)``):
     ``mode`` is ``"bicubic"`` or ``"bilinear"``, with antialiasing, so a downscale averages like
-    PIL's instead of aliasing.
+    PIL's instead of aliasing. The long side is ``int(resize * long / short)``, floored as
+    torchvision's ``Resize`` and transformers' image processors compute it (rounding instead
+    shifts the crop by half a pixel); the crop starts at ``(side - crop) // 2`` as transformers'
+    ``center_crop`` does (torchvision's ``CenterCrop`` rounds the half margin instead). A
+    ``(height, width)`` pair as ``resize`` resizes to exactly that size.
     """
     resize = crop if resize is None else resize
     h, w = images.shape[-2:]
-    scale = resize / min(h, w)
-    size = (max(crop, round(h * scale)), max(crop, round(w * scale)))
+    if isinstance(resize, (tuple, list)):
+        size = (max(crop, int(resize[0])), max(crop, int(resize[1])))
+    else:
+        short, long = int(resize), int(resize * max(h, w) / min(h, w))
+        size = (max(crop, short), max(crop, long)) if h <= w else (max(crop, long), max(crop, short))
     if size != (h, w):
         # bf16/fp16 in float32: antialiased interpolation has no half-precision kernel on CPU
         work = images if images.dtype in (torch.float32, torch.float64) else images.float()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,19 +11,89 @@ from torch import Tensor
 
 from sdo_lightning._hub import offline
 from sdo_lightning.contracts import Objective
-from sdo_lightning.objectives._inputs import prompts_for
+from sdo_lightning.objectives._inputs import as_rgb, normalize, prompts_for, resize_center_crop
 
 # CLIP's published preprocessing statistics (used when the model directory has no processor config).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def _size(value: Any, square: bool) -> int | tuple[int, int] | None:
+    """A transformers size entry (an int, ``[h, w]``, ``{"shortest_edge": n}`` or ``{"height", "width"}``)
+    as a short side ``n`` or an exact ``(h, w)``; a lone int is a square when ``square``; None if unknown."""
+    if isinstance(value, (list, tuple)) and len(value) in (1, 2):
+        return _size(value[0], square) if len(value) == 1 else (int(value[0]), int(value[1]))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value) if square else value
+    if isinstance(value, dict):
+        if value.get("shortest_edge") and not value.get("longest_edge"):
+            return _size(int(value["shortest_edge"]), square)
+        if value.get("height") and value.get("width"):
+            return int(value["height"]), int(value["width"])
+    return None
+
+
+def _three(value: Any, default: tuple[float, ...]) -> tuple[float, ...]:
+    if value is None:
+        return default
+    return (float(value),) * 3 if isinstance(value, (int, float)) else tuple(float(v) for v in value)
+
+
+def clip_preprocessing(model: str, image_size: int, local_files_only: bool | None = None) -> dict[str, Any]:
+    """The eval transform transformers' ``CLIPImageProcessor`` applies for ``model``.
+
+    Read from the model's ``preprocessor_config.json`` when it has one; otherwise CLIP's published
+    transform at the vision tower's input size (short side resized to ``image_size``, bicubic,
+    center crop ``image_size``, CLIP's mean/std), which is the processor's default for 224-pixel
+    models. Returns ``crop``, ``resize`` (the short side, an exact ``(height, width)``, or None for
+    ``do_resize: false``), ``mean``, ``std`` and ``interpolation``, the keys of the classifier
+    objectives' configs, for :func:`resize_center_crop` and :func:`normalize`. A hub id whose
+    processor config cannot be fetched (or is not cached, offline) gets the defaults.
+    """
+    config: dict[str, Any] = {"crop": image_size, "resize": image_size, "mean": CLIP_MEAN, "std": CLIP_STD,
+                              "interpolation": "bicubic"}
+    local = Path(model).expanduser()
+    if local.is_dir() and not (local / PROCESSOR_CONFIG).is_file():
+        return config
+    from transformers import ImageProcessingMixin
+
+    try:
+        raw, _ = ImageProcessingMixin.get_image_processor_dict(str(local) if local.is_dir() else model,
+                                                               local_files_only=offline(local_files_only))
+    except (OSError, ValueError) as err:
+        if local.is_dir():
+            raise ValueError(f"the {PROCESSOR_CONFIG} of {model!r} is not readable ({type(err).__name__}); fix it, or "
+                             "delete it to use CLIP's default preprocessing.") from None
+        return config
+    resize = _size(raw.get("size", image_size), square=False) if raw.get("do_resize", True) else None
+    crop = _size(raw.get("crop_size", image_size), square=True) if raw.get("do_center_crop", True) else None
+    if (raw.get("do_resize", True) and resize is None) or (raw.get("do_center_crop", True) and crop is None):
+        raise ValueError(f"the {PROCESSOR_CONFIG} of {model!r} has size {raw.get('size')!r} and crop_size "
+                         f"{raw.get('crop_size')!r}; CLIPScore reads an int, [height, width], "
+                         "{'shortest_edge': n} or {'height': h, 'width': w}.")
+    if crop is not None and crop != (image_size, image_size):
+        raise ValueError(f"the {PROCESSOR_CONFIG} of {model!r} crops {crop[0]} x {crop[1]} pixels but its vision "
+                         f"tower takes {image_size} x {image_size}; fix crop_size there.")
+    resample = raw.get("resample", 3)  # PIL's codes: 2 bilinear, 3 bicubic
+    config.update(resize=resize, interpolation="bilinear" if resample in (2, "bilinear") else "bicubic")
+    if raw.get("do_normalize", True):
+        config.update(mean=_three(raw.get("image_mean"), CLIP_MEAN), std=_three(raw.get("image_std"), CLIP_STD))
+    else:
+        config.update(mean=(0.0,) * 3, std=(1.0,) * 3)
+    return config
 
 
 class CLIPScore(Objective):
     """``1 - cos(CLIP image embedding, CLIP text embedding)`` per sample; lower is better.
 
-    Preprocessing is tensor-only and differentiable (no PIL in the graph): grayscale images are
-    repeated to three channels, resized bicubically to the vision tower's input size and
-    normalized with CLIP's statistics. Logs ``clip_score`` (the cosine) per sample.
+    Preprocessing is tensor-only and differentiable (no PIL in the graph) and follows transformers'
+    ``CLIPImageProcessor`` with the model's ``preprocessor_config.json`` (CLIP's published
+    transform when there is none): grayscale images are repeated to three channels, the short
+    side is resized (bicubic, antialiased) and the center is cropped to the vision tower's input
+    size, then normalized with the processor's mean/std (see :func:`clip_preprocessing`). It
+    differs from the processor on the same pixels only by PIL's bicubic kernel and its rounding
+    to 8 bits. Logs ``clip_score`` (the cosine) per sample.
 
     Args:
         model: a transformers ``CLIPModel`` directory or hub id
@@ -47,16 +118,16 @@ class CLIPScore(Objective):
         self.clip.eval().requires_grad_(False)
         self.prompt = prompt
         self.size = self.clip.config.vision_config.image_size
-        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+        config = clip_preprocessing(model, self.size, local_files_only)
+        self.crop, self.resize, self.interpolation = config["crop"], config["resize"], config["interpolation"]
+        self.mean, self.std = config["mean"], config["std"]
         self._text_cache: dict[str, Tensor] = {}
 
     def preprocess(self, images: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` in [0, 1] -> CLIP pixel values, differentiably."""
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        images = F.interpolate(images, size=(self.size, self.size), mode="bicubic", align_corners=False)
-        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+        images = as_rgb(images)
+        resize = tuple(images.shape[-2:]) if self.resize is None else self.resize  # do_resize: false
+        return normalize(resize_center_crop(images, self.crop, resize, self.interpolation), self.mean, self.std)
 
     def image_embeds(self, images: Tensor) -> Tensor:
         dtype = self.clip.visual_projection.weight.dtype
