@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from sdo_lightning import progress
 from sdo_lightning.module_base import NonFiniteError
 
 
@@ -37,9 +36,7 @@ class InterruptCheckpoint(Callback):
             return
         if trainer.state.fn != "fit" or trainer.lightning_module is None:
             return
-        # no barrier (Trainer.save_checkpoint has one): processes may be interrupted at different points
-        checkpoint: dict[str, Any] = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        _rewind_to_step_boundary(checkpoint, trainer.accumulate_grad_batches)
+        checkpoint = progress.dump_checkpoint(trainer)
         if trainer.global_rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, self.path)
@@ -47,21 +44,3 @@ class InterruptCheckpoint(Callback):
                 f"{type(exception).__name__} at step {trainer.global_step}: checkpoint written to {self.path}; "
                 "resume with --ckpt_path last (or that path)."
             )
-
-
-def _rewind_to_step_boundary(checkpoint: dict[str, Any], accumulate: int) -> None:
-    """Make the loop counters of a checkpoint written inside an optimizer step say "at the start
-    of that step".
-
-    Lightning saves its batch counters as they are; on resume it would run only the remaining
-    micro-batches of the step (whose earlier gradients were never saved) and count micro-batches
-    from an offset for the rest of the run. Rewound, the resumed run redoes the whole step, with
-    the same micro-batches, noise and draws as an uninterrupted run.
-    """
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
-    if not progress:
-        return
-    partial = progress["current"]["completed"] % max(accumulate, 1)
-    for part in ("total", "current"):
-        done = progress[part]["completed"] - partial
-        progress[part].update(ready=done, started=done, processed=done, completed=done)

@@ -181,12 +181,14 @@ class SDOCLI(LightningCLI):
             self.parser.error(f"{nulls[0]}: null is not a value this argument takes; give a value or leave it out "
                               "for the default.")
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
-        # LightningCLI appends trainer_defaults["callbacks"] to every trainer: make them fresh
-        # instances (a reused ModelCheckpoint keeps its first run's directory) that respect the config
-        configured = list(config.get("callbacks") or []) + list(callbacks)
-        self.trainer_defaults = {**self.trainer_defaults, "callbacks": default_callbacks(configured, config)}
-        return super()._instantiate_trainer(config, callbacks)
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # fresh default callbacks for every trainer (a reused ModelCheckpoint keeps its first
+        # run's directory), added to those of the config unless it has its own of the same kind
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        trainer_config = {**(config.get("trainer") or {}), **kwargs}
+        configured = trainer_config.get("callbacks") or []
+        configured = list(configured) if isinstance(configured, list) else [configured]
+        return super().instantiate_trainer(**kwargs, callbacks=configured + default_callbacks(configured, trainer_config))
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]

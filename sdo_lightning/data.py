@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from sdo_lightning import registry
+from sdo_lightning import progress, registry
 
 # The loaders here have no workers, so an IterableDataset's __len__ is exact.
 warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
@@ -246,7 +246,7 @@ class PromptSet(_DataModule):
 
     def step_prompts(self, step: int, count: int) -> list[str]:
         """The first ``count`` prompts of optimizer step ``step``'s stream."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(progress.prompt_draw_seed(self.seed, step))
         order: list[int] = []
         while len(order) < count:
             order += torch.randperm(len(self.prompts), generator=g).tolist()
@@ -278,6 +278,4 @@ class PromptSet(_DataModule):
             return batch
         _, accumulate = _steps_and_accumulation(trainer)
         rank, world_size = _rank_and_world(trainer)
-        # batches already fed to training_step (restored on resume); this one is the next
-        fed = trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        return self.batch(trainer.global_step, fed % accumulate, rank, world_size, accumulate)
+        return self.batch(trainer.global_step, progress.next_micro_batch(trainer), rank, world_size, accumulate)

@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from sdo_lightning import registry
+from sdo_lightning import progress, registry
 from sdo_lightning.backbones import Backbone
 from sdo_lightning.contracts import Solver, Target
 
@@ -164,17 +164,14 @@ class OptimizationModule(LightningModule):
         # The gradient mode draws from the plan generator in every micro-batch; a checkpoint
         # written mid-step (Ctrl-C) must hold the state the step started from, since the step is
         # redone on resume.
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
-        if (progress.ready - 1) % self.trainer.accumulate_grad_batches == 0:
+        if progress.micro_batch(self.trainer) == 0:
             self._plan_state_at_step_start = self._plan_generator.get_state()
 
     def _plan_state_to_save(self) -> Tensor:
         snapshot = getattr(self, "_plan_state_at_step_start", None)
         if self._trainer is None or snapshot is None:
             return self._plan_generator.get_state()
-        progress = self.trainer.fit_loop.epoch_loop.batch_progress.total
-        mid_step = progress.started > progress.processed or progress.processed % self.trainer.accumulate_grad_batches
-        return snapshot if mid_step else self._plan_generator.get_state()
+        return snapshot if progress.inside_step(self.trainer) else self._plan_generator.get_state()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]

@@ -11,7 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from sdo_lightning import lora
+from sdo_lightning import lora, progress
 from sdo_lightning.backbones import Backbone, DigitsBackbone
 from sdo_lightning.contracts import GradientMode, Objective, Target
 from sdo_lightning.contracts import Solver
@@ -111,18 +111,11 @@ class RewardFineTuning(OptimizationModule):
     def _sample_seeds(self, index: Tensor) -> list[int]:
         # one seed per (seed, optimizer step, micro-batch, sample): independent of the batch's
         # split over processes and micro-batches of other steps
-        trainer = self._trainer
-        micro = 0
-        if trainer is not None and trainer.accumulate_grad_batches > 1:
-            # batches fed so far, this one included (restored on resume)
-            micro = (trainer.fit_loop.epoch_loop.batch_progress.total.ready - 1) % trainer.accumulate_grad_batches
-        key = (self.seed * 1_000_003 + self.global_step) * 101 + micro
-        return [(key * 100_003 + int(i)) % (2**63 - 1) for i in index.tolist()]
+        micro = progress.micro_batch(self._trainer)
+        return [progress.finetune_sample_seed(self.seed, self.global_step, micro, i) for i in index.tolist()]
 
     def _noise(self, index: Tensor) -> Tensor:
-        rows = [torch.randn(self.backbone.latent_shape, generator=torch.Generator().manual_seed(s))
-                for s in self._sample_seeds(index)]
-        return torch.stack(rows).to(self.device)
+        return progress.normal(self.backbone.latent_shape, self._sample_seeds(index)).to(self.device)
 
     def _denoise(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
         # Calls that keep no graph run under no_grad (see sample()): fold the adapters for them.
@@ -146,7 +139,7 @@ class RewardFineTuning(OptimizationModule):
 
     def _sample(self, denoiser: Any, x: Tensor, cond: Any, grad: bool, index: Tensor) -> Tensor:
         # stochastic solvers: one generator per sample, seeded like its starting noise
-        generators = [torch.Generator(self.device).manual_seed(s + 1) for s in self._sample_seeds(index)]
+        generators = progress.generators([s + 1 for s in self._sample_seeds(index)], self.device)
         with torch.set_grad_enabled(grad):
             x0 = sample(
                 denoiser, self.solver, x, cond,
