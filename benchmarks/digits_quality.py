@@ -1,7 +1,8 @@
 """Quality benchmark for the embedded default digits model.
 
-Draws unconditional samples (null class 10, no guidance) from the shipped UNet with a
-hand-written 50-step DDIM loop (eta 0) and reports:
+Draws unconditional samples (null class 10, no guidance) from the shipped UNet through the
+project's own pieces, ``DigitsBackbone`` (conditioning, classifier-free guidance, decoding) and
+``sdo_lightning.sample`` with a 50-step ``DDIM`` (eta 0), and reports:
 
 (a) agreement between the shipped classifier's argmax and an independent judge, a
     scikit-learn LogisticRegression on raw pixels trained on the real digits at the same
@@ -25,33 +26,30 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
 from sklearn.linear_model import LogisticRegression
 
+from sdo_lightning import sample
+from sdo_lightning.backbones import DigitsBackbone
 from sdo_lightning.digits import WEIGHTS_DIR, DigitClassifier, load_digits_images
+from sdo_lightning.solvers import DDIM
 
-NULL_CLASS = 10
+NULL_CLASS = DigitsBackbone.NULL_CLASS
 TARGETS = {"judge_agreement": 0.85, "mean_confidence": 0.9, "class_entropy": 0.9}
 
 
 @torch.no_grad()
-def ddim_sample(unet, scheduler, labels, steps, guidance, generator, batch_size=256):
-    """Return samples in [0, 1] for the given class labels (``guidance`` <= 0: plain conditional pass)."""
-    size = unet.config.sample_size
-    noise = torch.randn(labels.shape[0], unet.config.in_channels, size, size, generator=generator)
+def ddim_sample(backbone: DigitsBackbone, labels: torch.Tensor, steps: int, generator: torch.Generator,
+                batch_size: int = 256) -> torch.Tensor:
+    """Samples in [0, 1] for the given class labels, with the backbone's guidance scale (the null
+    class is one plain pass). All the start noise is drawn first, then sampled in batches."""
+    noise = torch.randn(labels.shape[0], *backbone.latent_shape, generator=generator)
+    solver = DDIM(steps)  # eta 0
     outs = []
     for start in range(0, labels.shape[0], batch_size):
-        x, y = noise[start : start + batch_size], labels[start : start + batch_size]
-        scheduler.set_timesteps(steps)
-        for t in scheduler.timesteps:
-            if guidance > 0:
-                both = unet(torch.cat([x, x]), t, class_labels=torch.cat([y, torch.full_like(y, NULL_CLASS)])).sample
-                eps_c, eps_u = both.chunk(2)
-                eps = eps_u + guidance * (eps_c - eps_u)
-            else:
-                eps = unet(x, t, class_labels=y).sample
-            x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-        outs.append(((x + 1.0) / 2.0).clamp(0.0, 1.0))
+        cond = backbone.encode_condition({"class_label": labels[start : start + batch_size]})
+        x0 = sample(backbone.denoise, solver, noise[start : start + batch_size], cond,
+                    scheduler_config=backbone.scheduler_config)
+        outs.append(backbone.decode(x0))
     return torch.cat(outs)
 
 
@@ -67,7 +65,8 @@ def main(argv=None) -> dict:
     p.add_argument("--num-samples", type=int, default=256)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=2.5, help="guidance scale for the class-conditional part")
+    p.add_argument("--guidance", type=float, default=2.5,
+                   help="guidance scale for the class-conditional part (<= 0: plain conditional pass, as 1)")
     p.add_argument("--per-class", type=int, default=25)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -76,17 +75,17 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.time()
 
-    unet = UNet2DModel.from_pretrained(args.weights / "unet").eval()
-    scheduler = DDIMScheduler.from_pretrained(args.weights / "scheduler", clip_sample=False)
+    # guidance <= 0 meant "plain conditional pass": guidance scale 1 is exactly that
+    backbone = DigitsBackbone(str(args.weights), guidance_scale=args.guidance if args.guidance > 0 else 1.0).eval()
     classifier = DigitClassifier.from_pretrained(args.weights / "classifier")
-    size = unet.config.sample_size
+    size = backbone.latent_shape[-1]
 
     images, labels = load_digits_images(size)
     judge = LogisticRegression(max_iter=5000)
     judge.fit(images.flatten(1).numpy(), labels.numpy())
 
     gen = torch.Generator().manual_seed(args.seed)
-    uncond = ddim_sample(unet, scheduler, torch.full((args.num_samples,), NULL_CLASS), args.steps, 0.0, gen)
+    uncond = ddim_sample(backbone, torch.full((args.num_samples,), NULL_CLASS), args.steps, gen)
     with torch.no_grad():
         probs = classifier(uncond).softmax(1).numpy()
     clf_pred = probs.argmax(1)
@@ -95,7 +94,7 @@ def main(argv=None) -> dict:
     per_class, cond_accuracy = {}, float("nan")
     if args.per_class > 0:
         cond_labels = torch.arange(10).repeat_interleave(args.per_class)
-        cond = ddim_sample(unet, scheduler, cond_labels, args.steps, args.guidance, gen)
+        cond = ddim_sample(backbone, cond_labels, args.steps, gen)
         cond_pred = judge.predict(cond.flatten(1).numpy())
         per_class = {str(c): float((cond_pred[cond_labels.numpy() == c] == c).mean()) for c in range(10)}
         cond_accuracy = float((cond_pred == cond_labels.numpy()).mean())
