@@ -102,6 +102,7 @@ class Solver(abc.ABC):
         self.start_timestep = start_timestep
         self.scheduler_kwargs = dict(scheduler_kwargs or {})
         self._warned = False
+        self._noted_override = False
 
     # -- building the scheduler ----------------------------------------------------------
     def build_scheduler(self, scheduler_config: dict[str, Any] | None = None) -> Any:
@@ -111,8 +112,29 @@ class Solver(abc.ABC):
         base.pop("_diffusers_version", None)
         config = {**base, **self.default_overrides, **self.scheduler_kwargs}
         scheduler = self.scheduler_cls.from_config(config)
+        self._note_overrides(base)
         self._check_skip_path(scheduler.config)
         return scheduler
+
+    def _note_overrides(self, model_config: dict[str, Any]) -> None:
+        """Say once when this solver turns off a clamp the model's own config turns on."""
+        if self._noted_override:
+            return
+        accepted = inspect.signature(self.scheduler_cls.__init__).parameters
+        keys = [key for key in ("clip_sample", "thresholding")
+                if key in accepted and model_config.get(key) is True and self.default_overrides.get(key) is False
+                and key not in self.scheduler_kwargs]
+        if keys:
+            self._noted_override = True
+            on = " and ".join(f"{key}: true" for key in keys)
+            keep = ", ".join(f"{key}: true" for key in keys)
+            warnings.warn(
+                f"{type(self).__name__}: the model's scheduler config sets {on}, which this solver turns off "
+                f"(a saturated clamp gives the SDO skip path no gradient); set scheduler_kwargs: {{{keep}}} to "
+                "sample as the model's config says.",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def _check_skip_path(self, config: Any) -> None:
         if self._warned:

@@ -1,5 +1,7 @@
 """Each solver's loop equals a hand-written loop over the same diffusers scheduler."""
 
+import warnings
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
@@ -101,7 +103,21 @@ def test_clip_sample_warns_and_saturation_kills_the_skip_path(denoiser):
     assert grad.abs().max() == 0
 
 
-def test_default_solvers_do_not_warn(recwarn, denoiser):
+def test_default_solvers_say_once_that_they_turn_the_models_clamp_off(recwarn, denoiser):
+    """A model config with clip_sample / thresholding on (e.g. google/ddpm-ema-celebahq-256) is
+    sampled with them off: each solver says so once (not every trajectory), and the clamp
+    warning does not fire, since the scheduler really runs without the clamp."""
     for solver in (DDIM(3), DPMSolverPlusPlus(3), LCMMultistep(2)):
-        solver.begin({"clip_sample": True, "thresholding": True})  # a model config that had them on
-    assert not [w for w in recwarn if "clip_sample" in str(w.message) or "thresholding" in str(w.message)]
+        for _ in range(3):
+            scheduler = solver.begin({"clip_sample": True, "thresholding": True}).scheduler
+        assert not scheduler.config.thresholding
+        assert not getattr(scheduler.config, "clip_sample", False) or isinstance(solver, DPMSolverPlusPlus)  # not its option
+    notes = [str(w.message) for w in recwarn if "which this solver turns off" in str(w.message)]
+    assert [n.split(":")[0] for n in notes] == ["DDIM", "DPMSolverPlusPlus", "LCMMultistep"]
+    assert "clip_sample: true and thresholding: true" in notes[0]
+    assert "scheduler_kwargs: {clip_sample: true, thresholding: true}" in notes[0]
+    assert "thresholding: true" in notes[1]  # DPM-Solver++ has no clip_sample
+    assert not [w for w in recwarn if "clamps the predicted x_0" in str(w.message)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the user's own choice is not second-guessed
+        DDIM(3, scheduler_kwargs={"clip_sample": False}).begin({"clip_sample": True})
