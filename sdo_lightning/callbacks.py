@@ -1,12 +1,17 @@
-"""Callbacks that keep a run's work: a checkpoint when it is interrupted."""
+"""Callbacks: a checkpoint when a run is interrupted, the results of a latent optimization, and
+sample grids in TensorBoard."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
+
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdo_lightning import progress
+from sdo_lightning.images import make_grid, save_before_after
 from sdo_lightning.module_base import NonFiniteError
 
 
@@ -44,3 +49,67 @@ class InterruptCheckpoint(Callback):
                 f"{type(exception).__name__} at step {trainer.global_step}: checkpoint written to {self.path}; "
                 "resume with --ckpt_path last (or that path)."
             )
+
+
+class LatentResults(Callback):
+    """At the end of a :class:`~sdo_lightning.LatentOptimization` fit, write what it reached to
+    the log directory: ``before_after.png`` (the samples before, top, and after, bottom),
+    ``samples.npz`` (``before`` and ``after``, ``(B, C, H, W)`` in [0, 1]) and ``summary.json``
+    (each objective term before and after, the distance to the unoptimized samples); log the
+    before/after images to TensorBoard and print the summary. Added by the module unless the
+    trainer already has one. Under DDP process 0 writes.
+    """
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if getattr(pl_module, "variable", None) is None:  # the fit failed before setup finished
+            return
+        summary = pl_module.summary()
+        if trainer.global_rank == 0:
+            self.write(summary, pl_module, Path(pl_module.log_dir), trainer.global_step)
+
+    @staticmethod
+    def write(summary: dict[str, Any], module: LightningModule, log_dir: Path, step: int) -> None:
+        import numpy as np
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        before, after = module.initial_images.float().cpu(), module.best_images.float().cpu()
+        np.savez(log_dir / "samples.npz", before=before.numpy(), after=after.numpy())
+        png = save_before_after(before, after, log_dir / "before_after.png")
+        (log_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        experiment = getattr(module.logger, "experiment", None)
+        if hasattr(experiment, "add_images"):
+            experiment.add_images("before", before, step)
+            experiment.add_images("after", after, step)
+        lines = [f"{k}: {summary['before'][k]:.4g} -> {summary['after'][k]:.4g}" for k in summary["before"]]
+        lines.append(f"mean L2 distance to the unoptimized samples: {summary['l2_to_unoptimized']:.4g}")
+        rank_zero_info(
+            "\n".join(["", "Results (before -> after, mean over samples):", *("  " + line for line in lines),
+                       f"Logs: {log_dir}  (tensorboard --logdir {log_dir.parent})",
+                       f"Images: {png}  and  {log_dir / 'samples.npz'}"])
+        )
+
+
+class SampleImages(Callback):
+    """Log a grid of the training step's images (the first 16) to TensorBoard every
+    ``every_n_steps`` optimizer steps, from what ``training_step`` returns under ``"images"``.
+    :class:`~sdo_lightning.RewardFineTuning` adds one (every 50 steps) unless the trainer has one.
+
+    Args:
+        every_n_steps: log when the global step is a multiple of this.
+    """
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}.")
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._step = trainer.global_step  # the step these images belong to (counted up after its update)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        images = outputs.get("images") if isinstance(outputs, dict) else None
+        experiment = getattr(pl_module.logger, "experiment", None)
+        if images is None or self._step % self.every_n_steps != 0 or not hasattr(experiment, "add_image"):
+            return
+        experiment.add_image("samples", make_grid(images[:16].float().cpu()), self._step)

@@ -150,7 +150,7 @@ class GradientDiagnostics(Callback):
     def _picard(self, module: LightningModule, batch: dict[str, Any], values: dict[str, float]) -> None:
         if module.gradient_target().kind != "latent":
             return  # fine-tuning samples fresh noise, an embedding target keeps x_T: nothing to refine
-        x, cond = module._inputs(batch["index"])
+        x, cond = module.trajectory_inputs(batch["index"])
         guess = self._trajectory if self._trajectory is not None else []
         lam, self._trajectory = picard_contraction(module.backbone.denoise, module.solver, x.detach(), cond, guess,
                                                    module.backbone.scheduler_config)

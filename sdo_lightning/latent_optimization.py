@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import copy
-import json
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from jsonargparse import lazy_instance
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 
+from sdo_lightning import progress
 from sdo_lightning.backbones import Backbone, DigitsBackbone
+from sdo_lightning.callbacks import LatentResults
 from sdo_lightning.contracts import GradientMode, Objective, Solver, Target
-from sdo_lightning.gradient_modes import ShortcutGradient
-from sdo_lightning.images import save_before_after
 from sdo_lightning.data import shard
+from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
-from sdo_lightning.inversion import ddim_invert
 from sdo_lightning.sampling import sample
 from sdo_lightning.solvers import DDIM
+from sdo_lightning.targets import OptimizationTarget, as_target
 
 
 class LatentOptimization(OptimizationModule):
@@ -31,8 +28,9 @@ class LatentOptimization(OptimizationModule):
     Every training step samples the whole chain with the solver, keeps the autograd graph of
     the network calls the gradient mode chooses, decodes, scores with the objective and takes
     one optimizer step. Each sample's best image (lowest loss seen) is kept; at the end of fit
-    the before/after grid is written as ``before_after.png`` and the images as ``samples.npz``
-    (``before``, ``after``: ``(B, C, H, W)`` in [0, 1]) in the log directory.
+    the :class:`~sdo_lightning.callbacks.LatentResults` callback (added unless the trainer has
+    one) writes the before/after grid ``before_after.png``, the images ``samples.npz``
+    (``before``, ``after``: ``(B, C, H, W)`` in [0, 1]) and ``summary.json`` to the log directory.
 
     With several processes (DDP) the samples are sharded: process ``r`` of ``W`` samples and
     scores samples ``r, r + W, ...`` only. Every process holds the whole (small) variable so
@@ -46,20 +44,16 @@ class LatentOptimization(OptimizationModule):
         backbone: the diffusion model; default: the embedded digits model.
         solver: the sampler; default DDIM with 50 steps.
         gradient_mode: which network calls keep their graph; default SDO.
-        target: what is optimized: ``x_T`` (the starting noise), ``x_t`` (an intermediate latent
-            reached by sampling without gradient down to ``solver.start_timestep``) or
-            ``embedding`` (each sample's conditioning embedding).
-        linf_radius: if set, optimize a perturbation of the latent bounded by this radius in
-            the L-infinity norm (projected after every optimizer step).
-        invert_images: for target ``x_t``: reach x_t by DDIM inversion of the data module's real
-            images (``batch["image"]``) instead of by sampling from noise.
-        project_to_shell: after every step, rescale each latent to its initial norm (the shell
-            where Gaussian noise lives). Keeps x_T a plausible noise sample, which stops the
-            optimization from drifting into images that only fool the objective.
+        target: what is optimized (see :mod:`sdo_lightning.targets`): ``x_T`` (``StartNoise``: the
+            starting noise, kept on its norm shell), ``x_t`` (``IntermediateLatent``: the latent at
+            ``solver.start_timestep``, reached by sampling without gradient or, with
+            ``invert_images``, by DDIM inversion of real images) or ``embedding``
+            (``ConditionEmbedding``: each sample's conditioning embedding); a class with
+            ``init_args`` for the options (``linf_radius`` bounds a perturbation of the latent).
         lr: learning rate of the default optimizer (Adam).
         optimizer: an optimizer factory overriding the default (``class_path`` in YAML).
-        seed: seed of the starting noise (sample ``i`` uses ``seed * 100003 + i``) and of the
-            gradient mode's random draws.
+        seed: seed of the starting noise (see :func:`sdo_lightning.progress.latent_noise_seed`)
+            and of the gradient mode's random draws.
         on_nonfinite: a NaN or infinite loss or gradient ``skip``s the optimizer step with a
             warning, or ``stop``s the fit with an error.
     """
@@ -70,54 +64,31 @@ class LatentOptimization(OptimizationModule):
         backbone: Backbone = lazy_instance(DigitsBackbone),
         solver: Solver = lazy_instance(DDIM, num_inference_steps=50),
         gradient_mode: GradientMode = lazy_instance(ShortcutGradient),
-        target: Literal["x_T", "x_t", "embedding"] = "x_T",
-        linf_radius: float | None = None,
-        invert_images: bool = False,
-        project_to_shell: bool = True,
+        target: OptimizationTarget | Literal["x_T", "x_t", "embedding"] = "x_T",
         lr: float = 0.05,
         optimizer: OptimizerCallable | None = None,
         seed: int = 0,
         on_nonfinite: Literal["skip", "stop"] = "skip",
     ) -> None:
         super().__init__(seed, on_nonfinite)
-        if target == "x_T" and solver.start_timestep is not None:
-            raise ValueError(
-                f"target 'x_T' starts from pure noise but the solver starts at t={solver.start_timestep}; "
-                "use target: x_t for an intermediate latent, or drop the solver's start_timestep."
-            )
-        if target == "x_t" and solver.start_timestep is None:
-            raise ValueError("target 'x_t' needs the solver's start_timestep (e.g. 600) to say which latent.")
-        if invert_images and target != "x_t":
-            raise ValueError("invert_images inverts real images to an intermediate latent: use it with target 'x_t'.")
-        if target == "embedding" and linf_radius is not None:
-            raise ValueError("linf_radius bounds a latent perturbation; it does not apply to target 'embedding'.")
+        self.target = as_target(target)
+        self.target.check(solver)
         self.objective = objective
         self.backbone = backbone
         self.solver = solver
         self.gradient_mode = gradient_mode
-        self.target = target
-        self.linf_radius = linf_radius
-        self.invert_images = invert_images
-        self.project_to_shell = project_to_shell and target != "embedding"
         self.lr = lr
         self.optimizer_factory = optimizer
         self.seed = seed
         self.variable: nn.Parameter | None = None
 
     # -- set-up -----------------------------------------------------------------------------
-    def _noise(self, index: Tensor) -> Tensor:
-        rows = []
-        for i in index.tolist():
-            g = torch.Generator().manual_seed(self.seed * 100003 + i)
-            rows.append(torch.randn(self.backbone.latent_shape, generator=g))
-        return torch.stack(rows)
-
     def _trajectory_generator(self, index: Tensor, device: torch.device | None = None) -> list[torch.Generator]:
         # Stochastic solvers draw the same noise every step, so the objective is a fixed function
         # of the optimized variable; one generator per sample, so a sample's noise does not
         # depend on which others share its batch (or process).
-        device = device or self.device
-        return [torch.Generator(device).manual_seed(self.seed * 100003 + 17 + 7919 * i) for i in index.tolist()]
+        seeds = [progress.latent_trajectory_seed(self.seed, i) for i in index.tolist()]
+        return progress.generators(seeds, device or self.device)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -153,70 +124,41 @@ class LatentOptimization(OptimizationModule):
         return out
 
     @torch.no_grad()
-    def _prepare(self, batch: dict[str, Tensor], device: torch.device) -> None:
+    def _prepare(self, batch: dict[str, Any], device: torch.device) -> None:
         n = len(batch["index"])
         rank, world_size = self.world
         mine = shard(n, rank, world_size).to(device)  # this process's samples
         cond = self.backbone.encode_condition(batch)
-        start = self._noise(batch["index"]).to(device)
-        if self.invert_images:
-            if "image" not in batch:
-                raise KeyError("invert_images needs real images in the batch: give the data module images (e.g. SampleSet(images='digits')).")
-            clean = self.backbone.encode(batch["image"][mine.to(batch["image"].device)].to(device))
-            if tuple(clean.shape[1:]) != tuple(self.backbone.latent_shape):
-                size = tuple(batch["image"].shape[1:])
-                raise ValueError(
-                    f"invert_images: images of shape {size} encode to latents {tuple(clean.shape[1:])}, but "
-                    f"{type(self.backbone).__name__} samples latents {tuple(self.backbone.latent_shape)}; resize the "
-                    "images to the model's image size (and channels) first."
-                )
-            part = ddim_invert(self.backbone.denoise, clean, _rows(cond, mine), self.solver, self.backbone.scheduler_config)
-            start = self._gather_rows(mine, part, n)
-        elif self.target == "x_t":
-            prefix_solver = copy.copy(self.solver)
-            prefix_solver.start_timestep = None
-            timesteps = prefix_solver.begin(self.backbone.scheduler_config).timesteps
-            calls = int((timesteps > self.solver.start_timestep).sum())
-            part = sample(self.backbone.denoise, prefix_solver, start[mine], _rows(cond, mine), num_calls=calls,
-                          generator=self._trajectory_generator(mine, device), scheduler_config=self.backbone.scheduler_config)
-            start = self._gather_rows(mine, part, n)
+        seeds = [progress.latent_noise_seed(self.seed, i) for i in batch["index"].tolist()]
+        noise = progress.normal(self.backbone.latent_shape, seeds).to(device)
+        part = self.target.start_latent(noise[mine], _rows(cond, mine), _batch_rows(batch, mine), self)
+        start = self._gather_rows(mine, part, n)
         self.register_buffer("start_latent", start)
         if isinstance(cond, Tensor):
             self.register_buffer("start_cond", cond)
         else:  # e.g. TextCondition: not a tensor, kept as it is
             self.start_cond = cond
         self.register_buffer("shell_norm", start.flatten(1).norm(dim=1))
-        if self.target == "embedding":
-            emb = self.backbone.condition_embedding(cond)
-            if emb is None:
-                raise ValueError(f"{type(self.backbone).__name__} has no conditioning embedding to optimize.")
-            self.variable = nn.Parameter(emb)
-        elif self.linf_radius is not None:
-            self.variable = nn.Parameter(torch.zeros_like(start))
-        else:
-            self.variable = nn.Parameter(start.clone())
+        self.variable = nn.Parameter(self.target.initial_variable(start, cond, self))
         images = self._gather_rows(mine, self._generate(mine, grad=False, device=device), n)
         self.register_buffer("initial_images", images)
         self.register_buffer("best_images", images.clone())
         self.register_buffer("best_loss", torch.full((len(images),), float("inf"), device=device))
 
     # -- the optimized quantity ---------------------------------------------------------------
-    def _inputs(self, index: Tensor) -> tuple[Tensor, Any]:
-        if self.target == "embedding":
-            return self.start_latent[index], self.backbone.with_embedding(self.start_cond[index], self.variable[index])
-        if self.linf_radius is not None:
-            return self.start_latent[index] + self.variable[index], self.start_cond[index]
-        return self.variable[index], self.start_cond[index]
+    def trajectory_inputs(self, index: Tensor) -> tuple[Tensor, Any]:
+        """``(start latent, conditioning)`` of the trajectories of samples ``index``, as the
+        optimized variable now makes them."""
+        return self.target.trajectory_inputs(self.variable[index], self.start_latent[index], self.start_cond[index], self)
 
     def optimized_tensors(self) -> list[Tensor]:
         return [self.variable]
 
     def gradient_target(self) -> Target:
-        # An embedding is read by every network call, like parameters; a latent by the first.
-        return Target.parameters() if self.target == "embedding" else Target.latent()
+        return self.target.gradient_target()
 
     def _generate(self, index: Tensor, grad: bool, device: torch.device | None = None) -> Tensor:
-        x, cond = self._inputs(index)
+        x, cond = self.trajectory_inputs(index)
         with torch.set_grad_enabled(grad):
             x0 = sample(
                 self.backbone.denoise, self.solver, x, cond,
@@ -256,59 +198,49 @@ class LatentOptimization(OptimizationModule):
         # Right after the update (before any callback, e.g. a checkpoint, sees the variable):
         # project the variable back onto its constraint set.
         with torch.no_grad():
-            if self.linf_radius is not None:
-                self.variable.clamp_(-self.linf_radius, self.linf_radius)
-            elif self.project_to_shell:
-                norms = self.variable.flatten(1).norm(dim=1).clamp_min(1e-12)
-                self.variable.mul_((self.shell_norm / norms).view(-1, *[1] * (self.variable.dim() - 1)))
+            self.target.project(self.variable, self.shell_norm)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is not None:
             return self.optimizer_factory([self.variable])
         return torch.optim.Adam([self.variable], lr=self.lr)
 
+    def configure_callbacks(self) -> list[Callback]:
+        # the results writer, unless the trainer was given one (with its own options)
+        if any(isinstance(cb, LatentResults) for cb in self.trainer.callbacks):
+            return []
+        return [LatentResults()]
+
     def is_trainable_key(self, key: str) -> bool:
         return not key.startswith(("backbone.", "objective."))
 
     # -- results -----------------------------------------------------------------------------
-    def on_fit_end(self) -> None:
-        if self.variable is None:  # the fit failed before setup finished
-            return
-        with torch.no_grad():
-            batch = self.trainer.datamodule.full_batch(self.device)
-            batch["initial_images"] = self.initial_images
-            summary: dict[str, Any] = {}
-            for label, images in (("before", self.initial_images), ("after", self.best_images)):
-                loss = self.objective(images, batch)
-                summary[label] = {"loss": loss.mean().item(), **{k: v.float().mean().item() for k, v in self.objective.terms.items()}}
-            diff = (self.best_images - self.initial_images).flatten(1)
-            summary["l2_to_unoptimized"] = diff.norm(dim=1).mean().item()
-            summary["rms_to_unoptimized"] = diff.pow(2).mean(1).sqrt().mean().item()
-        self._write_results(summary, self.log_dir)
-
-    @rank_zero_only
-    def _write_results(self, summary: dict[str, Any], log_dir: Path) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        before, after = self.initial_images.float().cpu(), self.best_images.float().cpu()
-        np.savez(log_dir / "samples.npz", before=before.numpy(), after=after.numpy())
-        png = save_before_after(before, after, log_dir / "before_after.png")
-        (log_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        experiment = getattr(self.logger, "experiment", None)
-        if hasattr(experiment, "add_images"):
-            experiment.add_images("before", before, self.global_step)
-            experiment.add_images("after", after, self.global_step)
-        lines = [f"{k}: {summary['before'][k]:.4g} -> {summary['after'][k]:.4g}" for k in summary["before"]]
-        lines.append(f"mean L2 distance to the unoptimized samples: {summary['l2_to_unoptimized']:.4g}")
-        rank_zero_info(
-            "\n".join(["", "Results (before -> after, mean over samples):", *("  " + l for l in lines),
-                       f"Logs: {log_dir}  (tensorboard --logdir {log_dir.parent})",
-                       f"Images: {png}  and  {log_dir / 'samples.npz'}"])
-        )
+    @torch.no_grad()
+    def summary(self) -> dict[str, Any]:
+        """Each objective term before and after (mean over samples; the best image of each sample
+        counts as "after"), and the distance of the results to the unoptimized samples."""
+        batch = self.trainer.datamodule.full_batch(self.device)
+        batch["initial_images"] = self.initial_images
+        summary: dict[str, Any] = {}
+        for label, images in (("before", self.initial_images), ("after", self.best_images)):
+            loss = self.objective(images, batch)
+            summary[label] = {"loss": loss.mean().item(), **{k: v.float().mean().item() for k, v in self.objective.terms.items()}}
+        diff = (self.best_images - self.initial_images).flatten(1)
+        summary["l2_to_unoptimized"] = diff.norm(dim=1).mean().item()
+        summary["rms_to_unoptimized"] = diff.pow(2).mean(1).sqrt().mean().item()
+        return summary
 
 
 def _rows(cond: Any, index: Tensor) -> Any:
     """The conditioning of samples ``index`` (a tensor, or an indexable condition object)."""
     return cond[index.to(cond.device)] if isinstance(cond, Tensor) else cond[index]
+
+
+def _batch_rows(batch: dict[str, Any], index: Tensor) -> dict[str, Any]:
+    """The rows ``index`` of every column of ``batch`` (tensors and lists)."""
+    rows = index.tolist()
+    return {k: v[index.to(v.device)] if isinstance(v, Tensor) else [v[i] for i in rows] if isinstance(v, list) else v
+            for k, v in batch.items()}
 
 
 def _all_gather(tensor: Tensor) -> Tensor:

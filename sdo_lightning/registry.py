@@ -39,7 +39,7 @@ PLUGIN_KINDS: dict[str, tuple[str, str]] = {
     "backbones": ("sdo_lightning.backbones", "sdo_lightning.backbones.base:Backbone"),
 }
 #: kinds that are not plugins but are chosen by class name in YAML all the same
-OTHER_KINDS = ("modules", "data")
+OTHER_KINDS = ("modules", "data", "targets")
 GROUPS: dict[str, str] = {group: kind for kind, (group, _) in PLUGIN_KINDS.items()}
 DISABLE_ENV = "SDO_LIGHTNING_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_DIST = "sdo-lightning"
@@ -85,6 +85,7 @@ _BUILTINS: dict[str, tuple[str, ...]] = {
     "backbones": ("sdo_lightning.backbones",),
     "modules": ("sdo_lightning.latent_optimization", "sdo_lightning.reward_finetuning"),
     "data": ("sdo_lightning.data",),
+    "targets": ("sdo_lightning.targets",),
 }
 
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import torch
 from jsonargparse import lazy_instance
+from lightning.pytorch import Callback
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -16,7 +17,7 @@ from sdo_lightning.backbones import Backbone, DigitsBackbone
 from sdo_lightning.contracts import GradientMode, Objective, Target
 from sdo_lightning.contracts import Solver
 from sdo_lightning.gradient_modes import ShortcutGradient
-from sdo_lightning.images import make_grid
+from sdo_lightning.callbacks import SampleImages
 from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
 from sdo_lightning.sampling import sample
 from sdo_lightning.solvers import DDIM
@@ -159,7 +160,7 @@ class RewardFineTuning(OptimizationModule):
         images = self.generate(batch, grad=True)
         return images, self.objective(images, batch)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         images, losses = self.compute_losses(batch)
         self.check_losses(losses, len(images))
         loss = losses.mean()
@@ -181,11 +182,13 @@ class RewardFineTuning(OptimizationModule):
                 self.log("train/diversity", torch.pdist(flat).mean())  # mean pairwise L2 distance
             if self.held_out_objective is not None:
                 self.log("train/held_out", self.held_out_objective(images.detach(), batch).mean(), sync_dist=True)
-        if self.global_step % 50 == 0:
-            experiment = getattr(self.logger, "experiment", None)
-            if hasattr(experiment, "add_image"):
-                experiment.add_image("samples", make_grid(images[:16]), self.global_step)
-        return loss
+        return {"loss": loss, "images": images.detach()}  # the images for SampleImages
+
+    def configure_callbacks(self) -> list[Callback]:
+        # sample grids in TensorBoard every 50 steps, unless the trainer was given its own
+        if any(isinstance(cb, SampleImages) for cb in self.trainer.callbacks):
+            return []
+        return [SampleImages(every_n_steps=50)]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is not None:

@@ -17,18 +17,19 @@ from sdo_lightning.latent_optimization import LatentOptimization
 from sdo_lightning.module_base import NonFiniteError, check_solver_fits_backbone
 from sdo_lightning.reward_finetuning import RewardFineTuning
 from sdo_lightning.solvers import DDIM, LCMMultistep
+from sdo_lightning.targets import IntermediateLatent
 
 from test_cli import ROOT
 
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 
-class Brightness(Objective):
+class Brightness(Objective, register=False):
     def forward(self, images, batch):
         return images.flatten(1).mean(1)
 
 
-class NaNAt(Objective):
+class NaNAt(Objective, register=False):
     """Brightness, except at call ``at`` (0-based): a NaN loss, or a finite loss with a NaN gradient."""
 
     def __init__(self, at, kind="loss"):
@@ -120,13 +121,13 @@ def test_images_of_the_wrong_size_for_inversion(tiny_digits_dir, tmp_path):
     path = tmp_path / "big.npz"
     np.savez(path, images=np.random.rand(2, 1, 12, 12).astype(np.float32))  # the tiny model is 8x8
     module = LatentOptimization(objective=Brightness(), backbone=DigitsBackbone(tiny_digits_dir),
-                                solver=DDIM(4, start_timestep=600), target="x_t", invert_images=True)
+                                solver=DDIM(4, start_timestep=600), target=IntermediateLatent(invert_images=True))
     with pytest.raises(ValueError, match=r"images of shape \(1, 12, 12\) .* \(1, 8, 8\); resize"):
         trainer(tmp_path, 1).fit(module, datamodule=SampleSet(num_samples=2, images=str(path)))
 
 
 def test_reward_objective_of_the_wrong_shape(tiny_digits_dir, tmp_path):
-    class Scalar(Objective):
+    class Scalar(Objective, register=False):
         def forward(self, images, batch):
             return images.mean()
 
@@ -172,7 +173,7 @@ def test_nonfinite_stop_raises_and_writes_a_checkpoint(tiny_digits_dir, tmp_path
 
 
 # -- Ctrl-C -------------------------------------------------------------------------------------
-class InterruptAt(Objective):
+class InterruptAt(Objective, register=False):
     """Brightness; raises KeyboardInterrupt (as Ctrl-C does) inside call ``at``, after the sampling
     of that step drew its kept network call."""
 

@@ -12,9 +12,10 @@ from sdo_lightning.gradient_modes import FullBackprop, ShortcutGradient
 from sdo_lightning.latent_optimization import LatentOptimization
 from sdo_lightning.reward_finetuning import RewardFineTuning
 from sdo_lightning.solvers import DDIM
+from sdo_lightning.targets import StartNoise
 
 
-class Brightness(Objective):
+class Brightness(Objective, register=False):
     def forward(self, images, batch):
         return images.pow(2).flatten(1).mean(1)
 
@@ -34,7 +35,7 @@ def latent_module(tiny_digits_dir, **kw):
 
 def test_cosine_matches_an_independent_computation(tiny_digits_dir, tmp_path):
     diag = GradientDiagnostics(every_n_steps=1, depths=[1, 2, 4, 50])
-    module = latent_module(tiny_digits_dir, project_to_shell=False)  # diagnosed variable == final one
+    module = latent_module(tiny_digits_dir, target=StartNoise(project_to_shell=False))  # diagnosed variable == final one
     own_mode = module.gradient_mode
     trainer = fit(module, tmp_path, [diag])
 

@@ -28,7 +28,7 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
                       max_leaves=4)
 KEYS = ["--model", "--model.lr", "--model.seed", "--model.target", "--model.solver", "--model.solver.num_inference_steps",
         "--model.solver.eta", "--model.gradient_mode", "--model.gradient_mode.num_kept", "--model.objective",
-        "--model.backbone", "--model.backbone.path", "--model.on_nonfinite", "--model.linf_radius", "--data",
+        "--model.backbone", "--model.backbone.path", "--model.on_nonfinite", "--model.target.linf_radius", "--data",
         "--data.num_samples", "--data.class_label", "--data.prompts", "--data.batch_size", "--trainer.max_steps",
         "--trainer.accumulate_grad_batches", "--trainer.precision", "--seed_everything", "--ckpt_path", "--nonsense"]
 argv_values = st.one_of(st.sampled_from(NAMES), st.integers(-2, 20).map(str), st.sampled_from(

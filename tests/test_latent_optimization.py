@@ -12,9 +12,10 @@ from sdo_lightning.data import SampleSet
 from sdo_lightning.gradient_modes import FullBackprop, ShortcutGradient
 from sdo_lightning.latent_optimization import LatentOptimization
 from sdo_lightning.solvers import DDIM
+from sdo_lightning.targets import IntermediateLatent, StartNoise
 
 
-class WeightedBrightness(Objective):
+class WeightedBrightness(Objective, register=False):
     """Per-sample brightness loss times a per-sample weight (by batch index)."""
 
     def __init__(self, weights):
@@ -40,7 +41,7 @@ def make(tiny_digits_dir, objective, **kw):
 def test_one_samples_loss_never_moves_another(tiny_digits_dir, tmp_path):
     finals = []
     for w0 in (1.0, -5.0):
-        module = make(tiny_digits_dir, WeightedBrightness([w0, 1.0, 1.0]), project_to_shell=False)
+        module = make(tiny_digits_dir, WeightedBrightness([w0, 1.0, 1.0]), target=StartNoise(project_to_shell=False))
         fit(module, SampleSet(num_samples=3), tmp_path, steps=3)
         finals.append(module.variable.detach().clone())
     assert not torch.allclose(finals[0][0], finals[1][0])  # sample 0 did follow its own loss
@@ -55,7 +56,7 @@ def test_shell_projection_keeps_initial_norm(tiny_digits_dir, tmp_path):
 
 
 def test_linf_radius_bounds_the_perturbation(tiny_digits_dir, tmp_path):
-    module = make(tiny_digits_dir, WeightedBrightness([1.0, 1.0]), linf_radius=0.1, lr=1.0)
+    module = make(tiny_digits_dir, WeightedBrightness([1.0, 1.0]), target=StartNoise(linf_radius=0.1), lr=1.0)
     fit(module, SampleSet(num_samples=2), tmp_path, steps=2)
     delta = module.variable.detach()
     assert delta.abs().max() <= 0.1 + 1e-7
@@ -72,10 +73,11 @@ def test_best_images_are_the_lowest_loss_seen(tiny_digits_dir, tmp_path):
 
 def test_x_t_target_starts_from_a_hand_sampled_prefix(tiny_digits_dir, tmp_path):
     """x_t is reached by no-grad DDIM from x_T; the unoptimized images equal full sampling."""
-    common = dict(objective=WeightedBrightness([1.0, 1.0]), project_to_shell=False)
-    full = make(tiny_digits_dir, solver=DDIM(10), **common)
+    objective = WeightedBrightness([1.0, 1.0])
+    full = make(tiny_digits_dir, objective, solver=DDIM(10), target=StartNoise(project_to_shell=False))
     fit(full, SampleSet(num_samples=2), tmp_path, steps=1)
-    part = make(tiny_digits_dir, solver=DDIM(10, start_timestep=600), target="x_t", **common)
+    part = make(tiny_digits_dir, objective, solver=DDIM(10, start_timestep=600),
+                target=IntermediateLatent(project_to_shell=False))
     fit(part, SampleSet(num_samples=2), tmp_path, steps=1)
 
     # independent prefix: a hand-written DDIM loop over the same UNet, stopped at t <= 600
@@ -106,7 +108,7 @@ def test_embedding_target_is_optimized(tiny_digits_dir, tmp_path):
 
 
 def test_wrong_shape_objective_is_a_clear_error(tiny_digits_dir, tmp_path):
-    class Scalar(Objective):
+    class Scalar(Objective, register=False):
         def forward(self, images, batch):
             return images.mean()
 
@@ -157,7 +159,7 @@ def test_x_t_by_inversion_of_real_images_reconstructs_them(tmp_path):
     from sdo_lightning.digits import load_digits_images
 
     module = LatentOptimization(objective=WeightedBrightness([1.0] * 4), solver=DDIM(50, start_timestep=600),
-                                target="x_t", invert_images=True, project_to_shell=False)
+                                target=IntermediateLatent(invert_images=True, project_to_shell=False))
     fit(module, SampleSet(num_samples=4, images="digits"), tmp_path, steps=1)
     real = load_digits_images(16)[0][:4]
     rms = (module.initial_images - real).pow(2).mean().sqrt().item()
@@ -184,3 +186,34 @@ def test_compiled_channels_last_backbone_gives_the_same_output(tiny_digits_dir):
     with torch.no_grad():
         torch.testing.assert_close(fast.denoise(x, t, cond), plain.denoise(x, t, cond), rtol=1e-5, atol=1e-6)
     assert set(fast.unet.state_dict()) == set(plain.unet.state_dict())
+
+
+class _RecordingDDIM(DDIM, register=False):
+    """DDIM that records, per step, the noise its scheduler is about to draw from each sample's
+    generator (read off a copy of the generator, so sampling is unchanged)."""
+
+    drawn: list
+
+    def step(self, model_output, t, x, state):
+        copies = [torch.Generator().set_state(g.get_state()) for g in state.generator]
+        self.drawn.append(torch.stack([torch.randn(x.shape[1:], generator=g) for g in copies]))
+        return super().step(model_output, t, x, state)
+
+
+def test_x_t_prefix_and_optimized_chain_draw_different_noise(tiny_digits_dir, tmp_path):
+    """With a stochastic solver (DDIM eta > 0) the no-grad prefix x_T -> x_t and the optimized
+    chain x_t -> x_0 must inject independent noise; they used to replay one stream (cosine 1.0
+    between the first noise of each)."""
+    solver = _RecordingDDIM(10, eta=1.0, start_timestep=600)
+    solver.drawn = []
+    module = make(tiny_digits_dir, WeightedBrightness([1.0, 1.0]), solver=solver,
+                  target=IntermediateLatent(project_to_shell=False))
+    fit(module, SampleSet(num_samples=2), tmp_path, steps=1)
+    # timesteps 900..0: the prefix calls 900, 800, 700; each chain (the unoptimized images, then
+    # the training step) calls 600..0
+    assert len(solver.drawn) == 3 + 7 + 7
+    prefix, chain = solver.drawn[0], solver.drawn[3]
+    cosine = torch.nn.functional.cosine_similarity(prefix.flatten(1), chain.flatten(1), dim=1)
+    assert cosine.abs().max() < 0.5  # independent 64-dim normals: |cos| ~ 0.12
+    # every optimized chain replays its own stream, so the objective is a fixed function of x_t
+    torch.testing.assert_close(solver.drawn[3], solver.drawn[10], rtol=0, atol=0)

@@ -116,6 +116,7 @@ def test_paper_config_takes_one_step_on_tiny_models(path, tiny, tmp_path, monkey
     from sdo_lightning.cli import main
     from sdo_lightning.latent_optimization import LatentOptimization
     from sdo_lightning.reward_finetuning import RewardFineTuning
+    from sdo_lightning.targets import IntermediateLatent, StartNoise
 
     install_fake_torchvision(monkeypatch)
     install_fake_open_clip(monkeypatch)
@@ -129,14 +130,13 @@ def test_paper_config_takes_one_step_on_tiny_models(path, tiny, tmp_path, monkey
     cli.trainer.fit(module, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 1
     if isinstance(module, LatentOptimization):
-        start = torch.zeros_like(module.variable) if module.linf_radius is not None else module.start_latent
-        if module.target == "embedding":
-            start = None
-        assert start is not None
+        radius = getattr(module.target, "linf_radius", None)
+        assert isinstance(module.target, (StartNoise, IntermediateLatent))
+        start = torch.zeros_like(module.variable) if radius is not None else module.start_latent
         moved = (module.variable.detach() - start).abs().amax()
         assert torch.isfinite(module.variable).all() and moved > 0
-        if module.linf_radius is not None:
-            assert module.variable.abs().max() <= module.linf_radius + 1e-7
+        if radius is not None:
+            assert module.variable.abs().max() <= radius + 1e-7
         log_dir = Path(cli.trainer.log_dir)
         assert (log_dir / "before_after.png").is_file() and (log_dir / "summary.json").is_file()
     else:

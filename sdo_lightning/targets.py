@@ -1,0 +1,194 @@
+"""What :class:`~sdo_lightning.LatentOptimization` optimizes, one small type each.
+
+A target prepares each sample's starting latent, makes the optimized variable, says how the
+trajectory reads it (which gives the gradient mode its :class:`~sdo_lightning.Target`), and
+projects it back onto its constraint set after every optimizer step.
+
+In YAML ``target: x_T``, ``target: x_t`` and ``target: embedding`` are the short forms of
+``StartNoise()``, ``IntermediateLatent()`` and ``ConditionEmbedding()``; options go under
+``init_args``, e.g. ``{class_path: StartNoise, init_args: {linf_radius: 0.1}}``.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from sdo_lightning import progress, registry
+from sdo_lightning.contracts import Solver, Target
+
+if TYPE_CHECKING:
+    from sdo_lightning.latent_optimization import LatentOptimization
+
+
+class OptimizationTarget(abc.ABC):
+    """What is optimized, and how it enters the sampling chain."""
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if register:
+            registry.register("targets", cls)
+
+    def check(self, solver: Solver) -> None:
+        """Raise ValueError when the target does not fit the solver's schedule."""
+
+    def start_latent(self, noise: Tensor, cond: Any, batch: dict[str, Any], module: "LatentOptimization") -> Tensor:
+        """The latent the optimized trajectory starts from, for the rows of ``noise`` (this
+        process's samples; ``cond`` and ``batch`` hold the same rows)."""
+        return noise
+
+    @abc.abstractmethod
+    def initial_variable(self, start: Tensor, cond: Any, module: "LatentOptimization") -> Tensor:
+        """The optimized tensor before the first step (one row per sample)."""
+
+    @abc.abstractmethod
+    def trajectory_inputs(self, variable: Tensor, start: Tensor, cond: Any, module: "LatentOptimization") -> tuple[Tensor, Any]:
+        """``(start latent, conditioning)`` of the trajectory, from rows of the variable, the
+        prepared start latent and the conditioning."""
+
+    def gradient_target(self) -> Target:
+        """What the gradient mode differentiates with respect to: a latent read by the first call."""
+        return Target.latent()
+
+    def project(self, variable: Tensor, shell_norm: Tensor) -> None:
+        """Put ``variable`` back onto the constraint set, in place, after an optimizer step.
+        ``shell_norm`` holds each start latent's norm."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class _Latent(OptimizationTarget):
+    """A latent read once, at the start of the optimized trajectory: the variable itself, or a
+    bounded perturbation added to it."""
+
+    def __init__(self, project_to_shell: bool = True, linf_radius: float | None = None) -> None:
+        if linf_radius is not None and not linf_radius > 0:
+            raise ValueError(f"linf_radius must be > 0 (the L-infinity bound of the perturbation), got {linf_radius}.")
+        self.project_to_shell = project_to_shell
+        self.linf_radius = linf_radius
+
+    def initial_variable(self, start: Tensor, cond: Any, module: "LatentOptimization") -> Tensor:
+        return torch.zeros_like(start) if self.linf_radius is not None else start.clone()
+
+    def trajectory_inputs(self, variable: Tensor, start: Tensor, cond: Any, module: "LatentOptimization") -> tuple[Tensor, Any]:
+        return (start + variable if self.linf_radius is not None else variable), cond
+
+    def project(self, variable: Tensor, shell_norm: Tensor) -> None:
+        if self.linf_radius is not None:
+            variable.clamp_(-self.linf_radius, self.linf_radius)
+        elif self.project_to_shell:
+            norms = variable.flatten(1).norm(dim=1).clamp_min(1e-12)
+            variable.mul_((shell_norm / norms).view(-1, *[1] * (variable.dim() - 1)))
+
+
+class StartNoise(_Latent):
+    """The starting noise x_T of each sample.
+
+    Args:
+        project_to_shell: after every step, rescale each latent to its initial norm (the shell
+            where Gaussian noise lives). Keeps x_T a plausible noise sample, which stops the
+            optimization from drifting into images that only fool the objective.
+        linf_radius: if set, optimize a perturbation of x_T bounded by this radius in the
+            L-infinity norm (clamped after every step) instead of x_T itself.
+    """
+
+    def check(self, solver: Solver) -> None:
+        if solver.start_timestep is not None:
+            raise ValueError(
+                f"target 'x_T' starts from pure noise but the solver starts at t={solver.start_timestep}; "
+                "use target: x_t for an intermediate latent, or drop the solver's start_timestep."
+            )
+
+
+class IntermediateLatent(_Latent):
+    """An intermediate latent x_t at the solver's ``start_timestep``, reached by sampling from
+    x_T without gradient, or by DDIM inversion of real images.
+
+    Args:
+        invert_images: reach x_t by DDIM inversion of the data module's real images
+            (``batch["image"]``) instead of by sampling from noise.
+        project_to_shell: after every step, rescale each latent to its initial norm.
+        linf_radius: if set, optimize a perturbation of x_t bounded by this radius in the
+            L-infinity norm instead of x_t itself.
+    """
+
+    def __init__(self, invert_images: bool = False, project_to_shell: bool = True, linf_radius: float | None = None) -> None:
+        super().__init__(project_to_shell, linf_radius)
+        self.invert_images = invert_images
+
+    def check(self, solver: Solver) -> None:
+        if solver.start_timestep is None:
+            raise ValueError("target 'x_t' needs the solver's start_timestep (e.g. 600) to say which latent.")
+
+    def start_latent(self, noise: Tensor, cond: Any, batch: dict[str, Any], module: "LatentOptimization") -> Tensor:
+        backbone, solver = module.backbone, module.solver
+        if self.invert_images:
+            return _invert(batch, cond, module, noise.device)
+        # Sample from x_T down to x_t without gradient; a stochastic solver draws the prefix's
+        # noise from a stream of its own, so the optimized chain below x_t does not replay it.
+        from sdo_lightning.sampling import sample
+
+        prefix_solver = copy.copy(solver)
+        prefix_solver.start_timestep = None
+        timesteps = prefix_solver.begin(backbone.scheduler_config).timesteps
+        calls = int((timesteps > solver.start_timestep).sum())
+        seeds = [progress.latent_prefix_seed(module.seed, int(i)) for i in batch["index"].tolist()]
+        return sample(backbone.denoise, prefix_solver, noise, cond, num_calls=calls,
+                      generator=progress.generators(seeds, noise.device), scheduler_config=backbone.scheduler_config)
+
+
+def _invert(batch: dict[str, Any], cond: Any, module: "LatentOptimization", device: torch.device) -> Tensor:
+    from sdo_lightning.inversion import ddim_invert
+
+    backbone = module.backbone
+    if "image" not in batch:
+        raise KeyError("invert_images needs real images in the batch: give the data module images "
+                       "(e.g. SampleSet(images='digits')).")
+    clean = backbone.encode(batch["image"].to(device))
+    if tuple(clean.shape[1:]) != tuple(backbone.latent_shape):
+        size = tuple(batch["image"].shape[1:])
+        raise ValueError(
+            f"invert_images: images of shape {size} encode to latents {tuple(clean.shape[1:])}, but "
+            f"{type(backbone).__name__} samples latents {tuple(backbone.latent_shape)}; resize the "
+            "images to the model's image size (and channels) first."
+        )
+    return ddim_invert(backbone.denoise, clean, cond, module.solver, backbone.scheduler_config)
+
+
+class ConditionEmbedding(OptimizationTarget):
+    """Each sample's conditioning embedding (a prompt embedding, a class embedding), read by
+    every network call; the starting noise stays fixed."""
+
+    def initial_variable(self, start: Tensor, cond: Any, module: "LatentOptimization") -> Tensor:
+        emb = module.backbone.condition_embedding(cond)
+        if emb is None:
+            raise ValueError(f"{type(module.backbone).__name__} has no conditioning embedding to optimize.")
+        return emb
+
+    def trajectory_inputs(self, variable: Tensor, start: Tensor, cond: Any, module: "LatentOptimization") -> tuple[Tensor, Any]:
+        return start, module.backbone.with_embedding(cond, variable)
+
+    def gradient_target(self) -> Target:
+        # read by every network call, like parameters
+        return Target.parameters()
+
+
+#: the YAML short forms
+SHORT_FORMS: dict[str, type[OptimizationTarget]] = {"x_T": StartNoise, "x_t": IntermediateLatent,
+                                                    "embedding": ConditionEmbedding}
+
+
+def as_target(target: OptimizationTarget | str) -> OptimizationTarget:
+    """``target`` itself, or the default target of a short form (``x_T``, ``x_t``, ``embedding``)."""
+    if isinstance(target, OptimizationTarget):
+        return target
+    if target not in SHORT_FORMS:
+        raise ValueError(f"target {target!r} is not known; use one of {', '.join(SHORT_FORMS)} or a target class "
+                         f"({', '.join(registry.names('targets'))}).")
+    return SHORT_FORMS[target]()
