@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,6 +32,10 @@ from sdo_lightning import registry
 from sdo_lightning.callbacks import InterruptCheckpoint
 
 VERBOSE_ENV = "SDO_VERBOSE_ERRORS"
+#: Lightning's notes that are expected in every sdo fit, silenced while the command runs: the
+#: frozen backbone and objective networks are in eval mode on purpose, and the data loaders have
+#: no workers, so their iterable datasets' lengths are exact.
+EXPECTED_NOTES = (r".*module\(s\) in eval mode.*", r".*`IterableDataset` has `__len__` defined.*")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_steps": 50,
@@ -208,14 +213,6 @@ class SDOCLI(LightningCLI):
         config["ckpt_path"] = str(newest)
 
 
-def _import_modules() -> None:
-    # Importing registers the LightningModules and data modules for short class names in YAML.
-    import sdo_lightning.callbacks  # noqa: F401
-    import sdo_lightning.data  # noqa: F401
-    import sdo_lightning.latent_optimization  # noqa: F401
-    import sdo_lightning.reward_finetuning  # noqa: F401
-
-
 def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["plugins"]:
@@ -228,20 +225,24 @@ def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
         mix(argv[1:])
         return None
     registry.load_plugins()
-    _import_modules()
-    return SDOCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=None if args is None else argv,
-        run=run,
-        trainer_defaults=TRAINER_DEFAULTS,
-        # no overwrite: runs log into new version folders; with --trainer.logger false the
-        # folder is the working directory, where a config.yaml may be the user's own
-        auto_configure_optimizers=False,
-        parser_class=SDOArgumentParser,
-    )
+    for kind in registry.OTHER_KINDS:  # importing registers modules, data modules, targets by class name
+        registry.classes(kind)
+    with warnings.catch_warnings():
+        for note in EXPECTED_NOTES:
+            warnings.filterwarnings("ignore", message=note)
+        return SDOCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=None if args is None else argv,
+            run=run,
+            trainer_defaults=TRAINER_DEFAULTS,
+            # no overwrite: runs log into new version folders; with --trainer.logger false the
+            # folder is the working directory, where a config.yaml may be the user's own
+            auto_configure_optimizers=False,
+            parser_class=SDOArgumentParser,
+        )
 
 
 #: errors the project raises for bad input, each with a one-sentence message

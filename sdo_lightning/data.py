@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,9 +10,6 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sdo_lightning import progress, registry
-
-# The loaders here have no workers, so an IterableDataset's __len__ is exact.
-warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 
 
 def shard(n: int, rank: int, world_size: int) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,9 +13,6 @@ from torch import Tensor
 from sdo_lightning import progress, registry
 from sdo_lightning.backbones import Backbone
 from sdo_lightning.contracts import Solver, Target
-
-# The backbone and objective networks are frozen and in eval mode on purpose.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 
 
 class NonFiniteError(FloatingPointError):

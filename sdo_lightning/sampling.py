@@ -3,9 +3,10 @@
 Written out whole, in one place (paper Fig. 4-5, Eq. 18-20)::
 
     for i, t in enumerate(timesteps):
-        with torch.set_grad_enabled(keep[i]):      # ONLY the network call
-            eps = denoiser(x, t, cond)
-        x = solver.step(eps, t, x)                 # outside: stays differentiable
+        model_in = solver.scale_model_input(x, t, state)
+        with torch.set_grad_enabled(plan.keep[i]):      # ONLY the network call
+            out = network(model_in, t, cond)
+        x = solver.step(out, t, x, state)               # outside: stays differentiable
 
 The solver step must stay outside the no-grad block (paper Sec. 4.3): inside it, x_0 no longer
 depends on the start latent through the skip path and the gradient is zero past step 0.
@@ -14,6 +15,7 @@ depends on the start latent through the skip path and the gradient is zero past 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -90,9 +92,12 @@ def sample(
     """
     state = solver.begin(scheduler_config, x.device, generator)
     timesteps = state.timesteps if num_calls is None else state.timesteps[:num_calls]
-    plan: GradientPlan | None = None
     if gradient_mode is not None and torch.is_grad_enabled():
         plan = gradient_mode.plan(len(timesteps), target, plan_generator)
+    else:  # sampling without gradient: no call keeps a graph, nothing is drawn
+        plan = GradientPlan(keep=(False,) * len(timesteps))
+    # kept calls of a checkpointing plan recompute their activations in backward
+    checkpointed = partial(activation_checkpoint, denoiser, use_reentrant=False)
 
     steps = enumerate(timesteps)
     if progress:
@@ -100,20 +105,15 @@ def sample(
 
         steps = tqdm(steps, total=len(timesteps), desc="sampling", leave=False)
     for i, t in steps:
-        if plan is not None and plan.detach_before == i:
-            x = x.detach()
+        if plan.detach_before == i:
+            x = x.detach()  # truncated backprop: no gradient flows to earlier steps
         model_in = solver.scale_model_input(x, t, state)
-        if plan is not None and plan.keep[i] and plan.detach_kept_inputs:
+        if plan.keep[i] and plan.detach_kept_inputs:
             model_in = model_in.detach()
-        if plan is not None and plan.keep[i]:
-            if plan.checkpoint:
-                out = activation_checkpoint(denoiser, model_in, t, cond, use_reentrant=False)
-            else:
-                out = denoiser(model_in, t, cond)
-        else:
-            with torch.no_grad():
-                out = denoiser(model_in, t, cond)
-        x_next = solver.step(out, t, x, state)
+        network = checkpointed if plan.checkpoint and plan.keep[i] else denoiser
+        with torch.set_grad_enabled(plan.keep[i]):      # ONLY the network call
+            out = network(model_in, t, cond)
+        x_next = solver.step(out, t, x, state)          # outside: stays differentiable
         if callback is not None:
             replaced = callback(Step(i, t, x, out, x_next))
             x_next = x_next if replaced is None else replaced

@@ -23,7 +23,7 @@ from tiny_models import build_tiny_ddpm, build_tiny_pixart
 PROMPTS = ["a red cat", "a dog on a hill"]
 
 
-class Redness(Objective):
+class Redness(Objective, register=False):
     def forward(self, images, batch):
         return -(images[:, 0] - images[:, 1:].mean(1)).flatten(1).mean(1)
 

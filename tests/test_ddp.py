@@ -22,7 +22,7 @@ from sdo_lightning.solvers import DDIM
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
 
 
-class Brightness(Objective):
+class Brightness(Objective, register=False):
     def forward(self, images, batch):
         return images.flatten(1).mean(1)
 
@@ -185,7 +185,7 @@ def test_prompt_set_feeds_prompts_to_a_text_backbone(tmp_path):
     (tmp_path / "prompts.txt").write_text("# animals\ncat\n\ndog\nhorse\n")
     seen = []
 
-    class Record(Objective):
+    class Record(Objective, register=False):
         def forward(self, images, batch):
             seen.append(list(batch["prompt"]))
             return images.flatten(1).mean(1)

@@ -151,3 +151,12 @@ def test_example_backbone_samples_its_gaussian(monkeypatch):
     x0 = sample(backbone.denoise, DDIM(1000), x, cond, scheduler_config=backbone.scheduler_config)
     assert abs(x0.mean().item() - 0.2) < 0.02
     assert abs(x0.std().item() - 0.3) < 0.02
+
+
+def test_classes_defined_in_tests_stay_out_of_the_table():
+    """Every test module is imported by now (collection): none of their helper classes may show
+    up where users look (sdo plugins, the CLI's 'known: ...' lists)."""
+    for kind in (*registry.PLUGIN_KINDS, *registry.OTHER_KINDS):
+        leaked = [f"{cls.__module__}.{name}" for name, cls in registry.classes(kind).items()
+                  if not cls.__module__.startswith(("sdo_lightning.", "sdo_example_plugin"))]
+        assert not leaked, f"{kind}: {leaked} (define test helpers with register=False)"

@@ -14,7 +14,7 @@ from sdo_lightning.reward_finetuning import RewardFineTuning
 from sdo_lightning.solvers import DDIM
 
 
-class Darkness(Objective):
+class Darkness(Objective, register=False):
     def forward(self, images, batch):
         return images.flatten(1).mean(1)
 
@@ -202,7 +202,7 @@ def test_a_samples_noise_does_not_depend_on_its_batch(eta, tiny_digits_dir):
 def test_accumulated_micro_batches_draw_different_noise(tiny_digits_dir, tmp_path):
     seen = []
 
-    class Record(Objective):
+    class Record(Objective, register=False):
         def forward(self, images, batch):
             seen.append(images.detach().clone())
             return images.flatten(1).mean(1)

@@ -14,7 +14,7 @@ from sdo_lightning.solvers import DDIM
 from tiny_models import build_tiny_sd
 
 
-class Redness(Objective):
+class Redness(Objective, register=False):
     def forward(self, images, batch):
         return -(images[:, 0] - images[:, 1:].mean(1)).flatten(1).mean(1)
 
