@@ -18,8 +18,6 @@ from torch import Tensor, nn
 
 from sdo_lightning import registry
 
-REGISTRY = registry._TABLE  # transitional: use registry.classes(kind)
-
 class Objective(nn.Module, abc.ABC):
     """A differentiable metric on generated images: lower is better.
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from objective_fixtures import assert_one_sentence, check_gradient, check_per_sample, rand, style_png, tiny_clip  # noqa: F401
-from sdo_lightning.contracts import REGISTRY
+from sdo_lightning import registry
 from sdo_lightning.objectives import CLIPScore, LPIPSFidelity, WeightedSum
 from tiny_objective_models import (
     VGG16_BLOCKS,
@@ -31,9 +31,6 @@ from tiny_objective_models import (
     save,
     vgg16_state,
 )
-
-NEW = ["AestheticScore", "CLIPStyleLoss", "HPSv2Score", "ImageClassifierObjective", "LPIPSFidelity"]
-
 
 # -- LPIPS --------------------------------------------------------------------------------------
 
@@ -206,8 +203,8 @@ def test_yaml_snippets_instantiate(snippet, tiny_weights, tiny_clip, lpips_files
 
 # -- registration ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", NEW)
-def test_new_objectives_are_registered_and_declared_as_entry_points(name):
+@pytest.mark.parametrize("name", registry.names("objectives"))
+def test_objectives_are_registered_and_declared_as_entry_points(name):
     points = {ep.name: ep for ep in metadata.entry_points(group="sdo_lightning.objectives")}
     assert name in points, "run `pip install -e . --no-deps` to refresh the entry points"
-    assert points[name].load() is REGISTRY["objectives"][name]
+    assert points[name].load() is registry.classes("objectives")[name]

@@ -1,0 +1,163 @@
+"""One contract test per plugin kind, parametrized over the registry (timm-style): a plugin
+registered tomorrow is tested the day it lands, and a built-in without a tiny factory here
+fails the coverage tests below.
+
+Solvers and gradient modes have theirs beside their math (test_solvers.py, test_gradients.py).
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from objective_fixtures import check_per_sample, style_png, tiny_clip  # noqa: F401
+from sdo_lightning import registry, sample
+from sdo_lightning.solvers import DDIM
+from tiny_models import build_tiny_ddpm, build_tiny_pixart, build_tiny_sd
+from tiny_objective_models import (TinyOpenCLIP, aesthetic_state, install_fake_open_clip, install_fake_torchvision,
+                                   lpips_lin_state, save, vgg16_state)
+
+
+def _builtin(kind):
+    return [name for name, cls in registry.classes(kind).items() if cls.__module__.startswith("sdo_lightning.")]
+
+
+# -- objectives ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def objective_files(tmp_path_factory, tiny_clip, style_png):
+    root = tmp_path_factory.mktemp("objective_files")
+    return {
+        "clip": str(tiny_clip),
+        "png": str(style_png[0]),
+        "vgg": str(save(vgg16_state(), root / "vgg16-397923af.pth")),
+        "lin": str(save(lpips_lin_state(), root / "weights/v0.1/vgg.pth")),
+        "mlp": str(save(aesthetic_state("improved", dim=8), root / "mlp.pth")),  # tiny CLIP projects to 8
+        "hps": str(save({"state_dict": TinyOpenCLIP().state_dict()}, root / "HPS_v2_compressed.pt")),
+    }
+
+
+def _objectives():
+    from sdo_lightning import objectives as o
+
+    return {
+        "AestheticScore": lambda f: o.AestheticScore(mlp=f["mlp"], model=f["clip"]),
+        "CLIPScore": lambda f: o.CLIPScore(f["clip"], prompt="a cat"),
+        "CLIPStyleLoss": lambda f: o.CLIPStyleLoss(f["clip"], reference=f["png"], layer=2),
+        "ClassifierObjective": lambda f: o.ClassifierObjective(target_class=3),
+        "HPSv2Score": lambda f: o.HPSv2Score(f["hps"], prompt="a cat"),
+        "ImageClassifierObjective": lambda f: o.ImageClassifierObjective("torchvision/tinynet", weights="IMAGENET1K_V1",
+                                                                         target_class=2),
+        "L2Fidelity": lambda f: o.L2Fidelity(),
+        "LPIPSFidelity": lambda f: o.LPIPSFidelity(f["vgg"], f["lin"]),
+        "WeightedSum": lambda f: o.WeightedSum([o.L2Fidelity(), o.ClassifierObjective(target_class=3)], [1.0, 0.5]),
+    }
+
+
+#: objectives of the embedded digits model, which takes grey images only
+GREY_ONLY = {"ClassifierObjective", "WeightedSum"}
+
+
+def test_every_builtin_objective_has_a_contract_factory():
+    assert sorted(_objectives()) == _builtin("objectives")
+
+
+@pytest.mark.parametrize("name", registry.names("objectives"))
+def test_objective_contract(name, objective_files, monkeypatch):
+    """A per-sample loss (B,), finite and differentiable in the images, sample i's loss
+    depending on image i alone, for grey and (but for the digits objectives) RGB images."""
+    factories = _objectives()
+    if name not in factories:
+        pytest.skip(f"{name} is not a built-in; its package tests it")
+    install_fake_torchvision(monkeypatch)
+    install_fake_open_clip(monkeypatch)
+    objective = factories[name](objective_files)
+    for channels in (1,) if name in GREY_ONLY else (1, 3):
+        init = torch.rand(3, channels, 16, 16, generator=torch.Generator().manual_seed(1))
+        x = torch.rand(3, channels, 16, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        loss = objective(x, {"initial_images": init})
+        assert loss.shape == (3,) and torch.isfinite(loss).all()
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+        assert all(v.shape[0] == 3 for v in objective.terms.values())
+        # the reference image of a sample is a function of that sample alone (its dimmed mirror image)
+        check_per_sample(lambda y: objective(y, {"initial_images": 0.5 * y.flip(-1)}), x.detach())
+
+
+# -- backbones -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def backbone_dirs(tmp_path_factory):
+    from conftest import build_tiny_digits
+
+    root = tmp_path_factory.mktemp("backbones")
+    return {"digits": build_tiny_digits(root / "digits"), "ddpm": build_tiny_ddpm(root / "ddpm"),
+            "sd": build_tiny_sd(root / "sd"), "pixart": build_tiny_pixart(root / "pixart")}
+
+
+def _backbones():
+    from sdo_lightning import backbones as b
+
+    return {
+        "DigitsBackbone": lambda d: b.DigitsBackbone(str(d["digits"]), guidance_scale=2.0),
+        "PixArtAlphaBackbone": lambda d: b.PixArtAlphaBackbone(str(d["pixart"]), local_files_only=True),
+        "PixelUNetBackbone": lambda d: b.PixelUNetBackbone(str(d["ddpm"]), local_files_only=True),
+        "StableDiffusionBackbone": lambda d: b.StableDiffusionBackbone(str(d["sd"]), local_files_only=True),
+    }
+
+
+def test_every_builtin_backbone_has_a_contract_factory():
+    assert sorted(_backbones()) == _builtin("backbones")
+
+
+@pytest.mark.parametrize("name", registry.names("backbones"))
+def test_backbone_contract(name, backbone_dirs):
+    """What the modules ask of a backbone: conditioning rows that index like the batch, a
+    denoiser output of the latent's shape, a differentiable decode into [0, 1], an encode back
+    to latents, LoRA target names that exist in the network, and one sampled trajectory."""
+    factories = _backbones()
+    if name not in factories:
+        pytest.skip(f"{name} is not a built-in; its package tests it")
+    backbone = factories[name](backbone_dirs)
+    assert isinstance(backbone.network, nn.Module) and isinstance(backbone.scheduler_config, dict)
+    assert len(backbone.latent_shape) == 3
+    batch = {"index": torch.arange(2), "class_label": torch.tensor([3, 10]), "prompt": ["a cat", "a dog"]}
+    cond = backbone.encode_condition(batch)
+    x = torch.randn(2, *backbone.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = backbone.denoise(x, torch.tensor(500), cond)
+        first = backbone.denoise(x[:1], torch.tensor(500), cond[torch.tensor([0])])
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(first, out[:1], rtol=1e-4, atol=1e-5)  # rows of cond are samples
+    latents = x.clone().requires_grad_()
+    images = backbone.decode(latents)
+    assert images.shape[0] == 2 and images.min() >= 0 and images.max() <= 1
+    (grad,) = torch.autograd.grad(images.sum(), latents)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert backbone.encode(images.detach()).shape == x.shape
+    names = [n for n, _ in backbone.network.named_modules()]
+    assert any(n.endswith(target) for target in backbone.lora_target_modules for n in names)
+    x0 = sample(backbone.denoise, DDIM(2), x, cond, scheduler_config=backbone.scheduler_config)
+    assert x0.shape == x.shape and torch.isfinite(x0).all()
+    assert isinstance(backbone.lcm_distilled, bool)
+
+
+def test_from_pipeline_wraps_an_in_memory_pipeline_like_loading_it(backbone_dirs):
+    """Backbone.from_pipeline around a pipeline object denoises exactly as the backbone loaded
+    from the same directory, with the constructor's defaults for the options not given."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdo_lightning.backbones import StableDiffusionBackbone
+
+    loaded = StableDiffusionBackbone(str(backbone_dirs["sd"]), local_files_only=True, guidance_scale=3.0)
+    pipe = StableDiffusionPipeline.from_pretrained(str(backbone_dirs["sd"]), safety_checker=None,
+                                                   requires_safety_checker=False)
+    wrapped = StableDiffusionBackbone.from_pipeline(pipe, guidance_scale=3.0)
+    assert wrapped.negative_prompt == "" and wrapped.fused_lora is None
+    batch = {"prompt": ["a cat", "a dog"]}
+    x = torch.randn(2, *loaded.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = loaded.denoise(x, torch.tensor(300), loaded.encode_condition(batch))
+        got = wrapped.denoise(x, torch.tensor(300), wrapped.encode_condition(batch))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="unknown options \\['lora'\\]"):
+        StableDiffusionBackbone.from_pipeline(pipe, lora="x")
