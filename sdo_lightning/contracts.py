@@ -106,8 +106,11 @@ class Solver(abc.ABC):
     def build_scheduler(self, scheduler_config: dict[str, Any] | None = None) -> Any:
         """A new diffusers scheduler from the model's config, this solver's defaults and overrides."""
         base = dict(scheduler_config or {})
-        base.pop("_class_name", None)
-        base.pop("_diffusers_version", None)
+        # keys of another scheduler class (a pipeline's config handed to this solver's class) are
+        # not this one's options: drop them here rather than have diffusers log each one per trajectory
+        accepted = inspect.signature(self.scheduler_cls.__init__).parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+            base = {k: v for k, v in base.items() if k in accepted}
         config = {**base, **self.default_overrides, **self.scheduler_kwargs}
         scheduler = self.scheduler_cls.from_config(config)
         self._note_overrides(base)
