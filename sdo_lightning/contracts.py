@@ -161,7 +161,7 @@ class Solver(abc.ABC):
     ) -> SolverState:
         """Start one trajectory: a fresh scheduler with its timesteps set, and its generator."""
         scheduler = self.build_scheduler(scheduler_config)
-        scheduler.set_timesteps(self.num_inference_steps, device=device)
+        self.set_timesteps(scheduler, scheduler_config or {}, device)
         timesteps = scheduler.timesteps
         begin_index = 0
         if self.start_timestep is not None:
@@ -176,6 +176,15 @@ class Solver(abc.ABC):
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(begin_index)
         return SolverState(scheduler=scheduler, timesteps=timesteps, generator=generator)
+
+    def set_timesteps(self, scheduler: Any, scheduler_config: dict[str, Any], device: torch.device | str | None) -> None:
+        """Set the trajectory's timesteps on the fresh ``scheduler`` as the model's pipeline would.
+
+        ``scheduler_config`` is the backbone's; a backbone whose pipeline passes more than the step
+        count (FLUX's sigmas, the ``mu`` of dynamic shifting) puts it under ``sdo_set_timesteps``
+        (see :class:`~sdo_lightning.backbones.Backbone`), which solvers of such models read.
+        """
+        scheduler.set_timesteps(self.num_inference_steps, device=device)
 
     def scale_model_input(self, x: Tensor, t: Tensor, state: SolverState) -> Tensor:
         """The network input at timestep ``t`` (identity for DDIM, DPM-Solver++ and LCM)."""

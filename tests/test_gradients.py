@@ -8,12 +8,12 @@ import itertools
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 
 from sdo_lightning import Target, sample
 from sdo_lightning import registry
 from sdo_lightning.gradient_modes import FullBackprop, ShortcutGradient, TruncatedBackprop
-from sdo_lightning.solvers import DDIM, DPMSolverPlusPlus, LCMMultistep
+from sdo_lightning.solvers import DDIM, DPMSolverPlusPlus, FlowMatchEuler, LCMMultistep
 
 CONFIG = {"num_train_timesteps": 1000}
 N = 6
@@ -31,6 +31,7 @@ SOLVERS = {
     "dpm2m": (lambda: DPMSolverPlusPlus(N), lambda: DPMSolverMultistepScheduler(**CONFIG), False),
     "dpm3": (lambda: DPMSolverPlusPlus(N, order=3), lambda: DPMSolverMultistepScheduler(**CONFIG, solver_order=3), False),
     "lcm": (lambda: LCMMultistep(4), lambda: LCMScheduler(**CONFIG), True),
+    "flow": (lambda: FlowMatchEuler(N), lambda: FlowMatchEulerDiscreteScheduler(), False),
 }
 
 
@@ -186,7 +187,7 @@ def test_sdo_parameter_draws_are_uniform_and_cover_every_call(denoiser):
     assert (counts - 100).abs().max() < 46
 
 
-@pytest.mark.parametrize("name", ["ddim", "dpm2m", "lcm"])
+@pytest.mark.parametrize("name", ["ddim", "dpm2m", "lcm", "flow"])
 def test_sdo_parameter_gradient_expectation_is_eq16(name, denoiser):
     """N times the mean over all N single-call SDO gradients equals Eq. 16, the sum of per-call
     stop-gradient terms, computed here in one pass where every call's input is detached."""

@@ -28,7 +28,11 @@ class Backbone(nn.Module, abc.ABC):
 
     Attributes:
         scheduler_config: the model's training noise schedule (a diffusers scheduler config),
-            handed to every :class:`~sdo_lightning.Solver`.
+            handed to every :class:`~sdo_lightning.Solver`. A family whose pipeline calls
+            ``set_timesteps`` with more than the step count adds what it passes under
+            ``"sdo_set_timesteps"``: ``{"mu": float}`` (dynamic shifting, from the image sequence
+            length) and/or ``{"sigmas": "linspace"}`` (sigmas ``linspace(1, 1/N, N)``, as FLUX's
+            pipeline gives them).
         latent_shape: ``(C, H, W)`` of one latent.
         lora_target_modules: layer names LoRA adapts by default (peft ``target_modules``).
         fused_lora: the LoRA weights fused into the network at load time (e.g. an LCM-LoRA), or
@@ -78,6 +82,12 @@ class Backbone(nn.Module, abc.ABC):
         """True for a model distilled for LCM sampling (its scheduler is an ``LCMScheduler``, or
         it has a guidance embedding); an LCM-LoRA fused at load time shows in ``fused_lora``."""
         return str(self.scheduler_config.get("_class_name", "")) == "LCMScheduler"
+
+    @property
+    def flow_matching(self) -> bool:
+        """True for a rectified-flow model (its scheduler is a ``FlowMatch*`` one): it predicts a
+        velocity and samples with :class:`~sdo_lightning.solvers.FlowMatchEuler`."""
+        return str(self.scheduler_config.get("_class_name", "")).startswith("FlowMatch")
 
     @abc.abstractmethod
     def encode_condition(self, batch: dict[str, Any]) -> Any:
