@@ -20,8 +20,16 @@ class NonFiniteError(FloatingPointError):
 
 
 def check_solver_fits_backbone(solver: Solver, backbone: Backbone) -> None:
-    """Warn when an LCM solver meets a model that is not LCM-distilled, or the other way round."""
-    from sdo_lightning.solvers import LCMMultistep
+    """Refuse a flow solver on a diffusion model and the other way round; warn when an LCM solver
+    meets a model that is not LCM-distilled, or the other way round."""
+    from sdo_lightning.solvers import FlowMatchEuler, LCMMultistep
+
+    flow_solver = isinstance(solver, FlowMatchEuler)
+    if flow_solver != backbone.flow_matching:
+        model = "a rectified-flow model (velocity)" if backbone.flow_matching else "a diffusion model (noise prediction)"
+        fix = "FlowMatchEuler" if backbone.flow_matching else "DDIM, DPMSolverPlusPlus or LCMMultistep"
+        raise ValueError(f"{type(backbone).__name__} holds {model}, which solver {type(solver).__name__} cannot "
+                         f"sample; use solver {fix}.")
 
     scheduler_name = str(backbone.scheduler_config.get("_class_name", ""))
     lcm_model = backbone.lcm_distilled

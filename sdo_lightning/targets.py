@@ -144,7 +144,7 @@ class IntermediateLatent(_Latent):
 
 
 def _invert(batch: dict[str, Any], cond: Any, module: "LatentOptimization", device: torch.device) -> Tensor:
-    from sdo_lightning.inversion import ddim_invert
+    from sdo_lightning.inversion import invert
 
     backbone = module.backbone
     if "image" not in batch:
@@ -158,7 +158,7 @@ def _invert(batch: dict[str, Any], cond: Any, module: "LatentOptimization", devi
             f"{type(backbone).__name__} samples latents {tuple(backbone.latent_shape)}; resize the "
             "images to the model's image size (and channels) first."
         )
-    return ddim_invert(backbone.denoise, clean, cond, module.solver, backbone.scheduler_config)
+    return invert(backbone.denoise, clean, cond, module.solver, backbone.scheduler_config)
 
 
 class ConditionEmbedding(OptimizationTarget):

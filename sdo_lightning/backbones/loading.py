@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from sdo_lightning._hub import offline
 from sdo_lightning.backbones.base import unit_range
 
-__all__ = ["offline", "load_failed", "from_subfolder_or_root", "torch_dtype", "epsilon_only", "epsilon_half",
+__all__ = ["offline", "load_failed", "from_subfolder_or_root", "torch_dtype", "scheduler_config", "epsilon_only", "epsilon_half",
            "vae_decode", "vae_encode", "load_t5_tokenizer"]
 
 
@@ -52,6 +52,12 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype {name!r} is not a torch dtype; use e.g. bfloat16, float16 or float32.")
     return dtype
+
+
+def scheduler_config(scheduler: Any) -> dict[str, Any]:
+    """A pipeline scheduler's config as a dict that names its class (``_class_name``), which a
+    scheduler built in memory does not record until it is saved."""
+    return {**dict(scheduler.config), "_class_name": type(scheduler).__name__}
 
 
 def epsilon_only(scheduler_config: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, speed_up
 from sdo_lightning.backbones.loading import (epsilon_half, epsilon_only, load_failed, load_t5_tokenizer, offline,
-                                             torch_dtype, vae_decode, vae_encode)
+                                             scheduler_config, torch_dtype, vae_decode, vae_encode)
 
 
 class PixArtAlphaBackbone(TextConditionedBackbone):
@@ -74,7 +74,7 @@ class PixArtAlphaBackbone(TextConditionedBackbone):
         self.tokenizer = pipe.tokenizer
         for module in (self.transformer, self.vae, self.text_encoder):
             module.requires_grad_(False).eval()
-        self.scheduler_config = epsilon_only(dict(pipe.scheduler.config))
+        self.scheduler_config = epsilon_only(scheduler_config(pipe.scheduler))
         self.vae_scale = pipe.vae_scale_factor
         cfg = self.transformer.config
         native = cfg.sample_size * self.vae_scale

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from sdo_lightning.backbones.base import Backbone, speed_up, unit_range
-from sdo_lightning.backbones.loading import epsilon_half, epsilon_only, from_subfolder_or_root, load_failed, offline
+from sdo_lightning.backbones.loading import (epsilon_half, epsilon_only, from_subfolder_or_root, load_failed, offline,
+                                             scheduler_config)
 
 
 class _LookupOrPass(nn.Embedding):
@@ -73,7 +74,7 @@ class PixelUNetBackbone(Backbone):
     def _adopt(self, pipe: Any, guidance_scale: float, null_class: int | None, compile: bool | str,
                channels_last: bool) -> None:
         # from_pipeline: a DDPMPipeline / DDIMPipeline (or anything with .unet and .scheduler)
-        self._setup(pipe.unet, dict(pipe.scheduler.config), guidance_scale, null_class, compile, channels_last,
+        self._setup(pipe.unet, scheduler_config(pipe.scheduler), guidance_scale, null_class, compile, channels_last,
                     source="the given pipeline")
 
     def _setup(self, unet: nn.Module, raw: dict[str, Any], guidance_scale: float, null_class: int | None,

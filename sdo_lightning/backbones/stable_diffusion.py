@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, speed_up
-from sdo_lightning.backbones.loading import load_failed, offline, vae_decode, vae_encode
+from sdo_lightning.backbones.loading import load_failed, offline, scheduler_config, vae_decode, vae_encode
 
 
 class StableDiffusionBackbone(TextConditionedBackbone):
@@ -70,7 +70,7 @@ class StableDiffusionBackbone(TextConditionedBackbone):
         self.tokenizer = pipe.tokenizer
         for module in (self.unet, self.vae, self.text_encoder):
             module.requires_grad_(False).eval()
-        self.scheduler_config = dict(pipe.scheduler.config)
+        self.scheduler_config = scheduler_config(pipe.scheduler)
         self.vae_scale = pipe.vae_scale_factor
         size = self.unet.config.sample_size
         self.latent_shape = (self.unet.config.in_channels, size, size)

@@ -137,7 +137,11 @@ def build_unet(args):
     )
 
 
-def build_scheduler():
+def build_scheduler(flow: bool = False):
+    if flow:  # rectified flow: x_t = (1 - sigma) x_0 + sigma noise, the UNet predicts noise - x_0
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
@@ -148,14 +152,24 @@ def build_scheduler():
     )
 
 
+def _flow_batch(x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A rectified-flow training batch: sigma from a logit-normal (mean 0, std 1, as SD3 trains),
+    the noisy x_t, the UNet's timestep sigma * 1000 and the velocity target noise - x_0."""
+    sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))
+    noise = torch.randn(x0.shape, generator=gen)
+    s = sigma.view(-1, 1, 1, 1)
+    return (1.0 - s) * x0 + s * noise, sigma * 1000.0, noise - x0
+
+
 def train_unet(images, labels, args, gen: torch.Generator):
     unet = build_unet(args).train()
     ema = build_unet(args).eval().requires_grad_(False)
     ema.load_state_dict(unet.state_dict())
-    scheduler = build_scheduler()
-    alphas_cumprod = scheduler.alphas_cumprod.float()
-    snr = alphas_cumprod / (1.0 - alphas_cumprod)
-    loss_weight = snr.clamp(max=args.min_snr_gamma) / snr  # min-SNR weighting for epsilon prediction
+    scheduler = build_scheduler(args.flow)
+    if not args.flow:
+        alphas_cumprod = scheduler.alphas_cumprod.float()
+        snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        loss_weight = snr.clamp(max=args.min_snr_gamma) / snr  # min-SNR weighting for epsilon prediction
     data = images * 2.0 - 1.0
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.0)
     params, ema_params = list(unet.parameters()), list(ema.parameters())
@@ -168,13 +182,17 @@ def train_unet(images, labels, args, gen: torch.Generator):
         idx = torch.randint(0, data.shape[0], (args.unet_batch,), generator=gen)
         x0, y = data[idx], labels[idx].clone()
         y[torch.rand(y.shape, generator=gen) < args.cfg_dropout] = NULL_CLASS
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
-        pred = unet(xt, t, class_labels=y).sample
-        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (loss * loss_weight[t]).mean()
+        if args.flow:
+            xt, t, target = _flow_batch(x0, gen)
+            loss = ((unet(xt, t, class_labels=y).sample - target) ** 2).mean()
+        else:
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            a = alphas_cumprod[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1.0 - a).sqrt() * noise
+            pred = unet(xt, t, class_labels=y).sample
+            loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+            loss = (loss * loss_weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -200,15 +218,18 @@ def train_unet(images, labels, args, gen: torch.Generator):
 
 @torch.no_grad()
 def quick_check(unet, scheduler_config, classifier, n: int, steps: int, seed: int) -> dict:
-    """DDIM-sample ``n`` unconditional digits and summarize the classifier's view of them."""
+    """Sample ``n`` unconditional digits (DDIM, or Euler for a flow model) and summarize the
+    classifier's view of them."""
     from sdo_lightning.sampling import sample
-    from sdo_lightning.solvers import DDIM
+    from sdo_lightning.solvers import DDIM, FlowMatchEuler
+
+    solver = FlowMatchEuler(steps) if str(scheduler_config.get("_class_name", "")).startswith("FlowMatch") else DDIM(steps)
 
     gen = torch.Generator().manual_seed(seed)
     size = unet.config.sample_size
     x = torch.randn(n, 1, size, size, generator=gen)
     y = torch.full((n,), NULL_CLASS, dtype=torch.long)
-    x = sample(lambda x, t, labels: unet(x, t, class_labels=labels).sample, DDIM(steps), x, y,
+    x = sample(lambda x, t, labels: unet(x, t, class_labels=labels).sample, solver, x, y,
                scheduler_config=dict(scheduler_config))
     probs = classifier(((x + 1) / 2).clamp(0, 1)).softmax(1)
     hist = torch.bincount(probs.argmax(1), minlength=NUM_CLASSES).float() / n
@@ -241,6 +262,9 @@ def parse_args(argv=None):
     p.add_argument("--clf-val", type=int, default=180, help="digits held out to report classifier accuracy")
     p.add_argument("--clf-noise-weight", type=float, default=0.5)
     p.add_argument("--check-samples", type=int, default=128, help="0 skips the final sampling check")
+    p.add_argument("--flow", action="store_true",
+                   help="train a rectified-flow (velocity) UNet instead of the DDPM one; the classifier is not "
+                        "trained again (the shipped one scores both models)")
     p.add_argument("--log-every", type=int, default=250)
     return p.parse_args(argv)
 
@@ -253,14 +277,20 @@ def main(argv=None) -> None:
     images, labels = load_digits_images(args.size)
     print(f"digits: {tuple(images.shape)} at {args.size}x{args.size}, seed {args.seed}", flush=True)
 
-    classifier = train_classifier(images, labels, args, torch.Generator().manual_seed(args.seed))
+    if args.flow:
+        from sdo_lightning.digits import WEIGHTS_DIR
+
+        classifier = DigitClassifier.from_pretrained(WEIGHTS_DIR / "classifier").eval()
+    else:
+        classifier = train_classifier(images, labels, args, torch.Generator().manual_seed(args.seed))
     unet, scheduler = train_unet(images, labels, args, torch.Generator().manual_seed(args.seed + 1))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out / "unet", safe_serialization=True)
     scheduler.save_pretrained(out / "scheduler")
-    classifier.save_pretrained(out / "classifier")
+    if not args.flow:
+        classifier.save_pretrained(out / "classifier")
     recipe = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
     recipe["torch"] = torch.__version__
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
@@ -269,7 +299,7 @@ def main(argv=None) -> None:
     if args.check_samples > 0:
         stats = quick_check(unet.eval(), scheduler.config, classifier, args.check_samples, 50, args.seed)
         print(
-            f"check: {args.check_samples} unconditional DDIM-50 samples, classifier mean confidence "
+            f"check: {args.check_samples} unconditional 50-step samples, classifier mean confidence "
             f"{stats['mean_confidence']:.3f}, normalized class entropy {stats['class_entropy']:.3f}",
             flush=True,
         )
