@@ -165,23 +165,31 @@ class OptimizationModule(LightningModule):
             self.log(f"train/{name}", value.float().mean(), prog_bar=name.endswith("prob"), sync_dist=True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # The gradient mode draws from the plan generator in every micro-batch; a checkpoint
-        # written mid-step (Ctrl-C) must hold the state the step started from, since the step is
-        # redone on resume.
+        # A resumed run continues the global generators (objectives that draw random numbers, e.g.
+        # augmented copies) where the checkpoint left them, right before its first step: after
+        # Lightning's own draws at the start of the fit, as in the uninterrupted run.
+        pending = getattr(self, "_rng_to_restore", None)
+        if pending is not None:
+            progress.set_global_rng_states(pending)
+            self._rng_to_restore = None
+        # The gradient mode and the objectives draw in every micro-batch; a checkpoint written
+        # mid-step (Ctrl-C) must hold the states the step started from, since the step is redone.
         if progress.micro_batch(self.trainer) == 0:
             self._plan_state_at_step_start = self._plan_generator.get_state()
+            self._rng_at_step_start = progress.global_rng_states()
 
-    def _plan_state_to_save(self) -> Tensor:
-        snapshot = getattr(self, "_plan_state_at_step_start", None)
-        if self._trainer is None or snapshot is None:
-            return self._plan_generator.get_state()
-        return snapshot if progress.inside_step(self.trainer) else self._plan_generator.get_state()
+    def _states_to_save(self) -> tuple[Tensor, dict[str, Any]]:
+        """The plan generator's and the global generators' states a checkpoint written now holds."""
+        plan, rng = getattr(self, "_plan_state_at_step_start", None), getattr(self, "_rng_at_step_start", None)
+        if self._trainer is None or plan is None or not progress.inside_step(self.trainer):
+            return self._plan_generator.get_state(), progress.global_rng_states()
+        return plan, rng
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         for key in [k for k in state if not self.is_trainable_key(k)]:
             del state[key]
-        checkpoint["plan_generator_state"] = self._plan_state_to_save()
+        checkpoint["plan_generator_state"], checkpoint["global_rng_states"] = self._states_to_save()
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["sdo_run"] = self.run_fingerprint()
 
@@ -216,4 +224,5 @@ class OptimizationModule(LightningModule):
             )
         if "plan_generator_state" in checkpoint:
             self._plan_generator.set_state(checkpoint["plan_generator_state"])
+        self._rng_to_restore = checkpoint.get("global_rng_states")
         self.skipped_steps = checkpoint.get("skipped_steps", 0)

@@ -70,6 +70,42 @@ def rewind_to_step_boundary(checkpoint: dict[str, Any], accumulate: int) -> None
         progress[part].update(ready=done, started=done, processed=done, completed=done)
 
 
+# -- the global random generators -------------------------------------------------------------
+
+
+def global_rng_states() -> dict[str, Any]:
+    """The states of the global generators objectives may draw from (torch, CUDA, numpy, random),
+    in types a ``weights_only`` checkpoint load accepts."""
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_global_rng_states(states: dict[str, Any]) -> None:
+    """Put the global generators back where :func:`global_rng_states` found them."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
 # -- per-sample seeds ------------------------------------------------------------------------
 
 

@@ -57,8 +57,9 @@ def write_config(path, model, weights, extra_callbacks=""):
     # L2Fidelity alone is 0 at the start: give it something to pull towards (a brightness shift)
     model_yaml = textwrap.indent(textwrap.dedent(MODELS[model] % {"weights": weights}).strip(), "  ")
     if model == "latent":
+        # the quickstart's objective draws its augmented copies from the global generator
         model_yaml = model_yaml.replace("objective: {class_path: L2Fidelity}",
-                                        "objective: {class_path: ClassifierObjective}")
+                                        "objective: {class_path: ClassifierObjective, init_args: {augment: 4, noise_std: 0.2}}")
     path.write_text(textwrap.dedent(f"""\
         seed_everything: 7
         trainer:
