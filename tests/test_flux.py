@@ -17,7 +17,7 @@ from sdo_lightning.contracts import Target
 from sdo_lightning.gradient_modes import FullBackprop, ShortcutGradient
 from sdo_lightning.lora import add_lora, lora_layers
 from sdo_lightning.solvers import FlowMatchEuler
-from tiny_flux import build_tiny_flux
+from tiny_flux import build_tiny_flux, tiny_flux_pipeline
 from tiny_models import build_tiny_clip
 from tiny_objective_models import TinyOpenCLIP, install_fake_open_clip, save
 
@@ -77,7 +77,7 @@ def test_trajectory_equals_flux_pipeline(tiny, case):
         assert (ours - torch.tensor(np.linspace(1, 1 / steps, steps) * 1000, dtype=ours.dtype)).abs().max() > 1
 
 
-def test_defaults_sequence_length_and_latent_shape(tiny):
+def test_defaults_sequence_length_and_latent_shape(tiny, tmp_path):
     schnell, dev = backbone(tiny["schnell"]), backbone(tiny["dev"])
     assert (schnell.max_sequence_length, dev.max_sequence_length) == (256, 512)
     assert not schnell.guidance_embedding and dev.guidance_embedding
@@ -90,9 +90,11 @@ def test_defaults_sequence_length_and_latent_shape(tiny):
         FluxBackbone(str(tiny["schnell"]), height=18, width=16)
     with pytest.raises(ValueError, match="between 1 and 512"):
         backbone(tiny["dev"], max_sequence_length=600)
-    # from_pipeline around an in-memory pipeline denoises as loading the same directory
+    # from_pipeline around a pipeline object denoises as loading the same directory
     wrapped = FluxBackbone.from_pipeline(FluxPipeline.from_pretrained(tiny["dev"]), height=SIZE, width=SIZE)
     assert wrapped.max_sequence_length == 512 and wrapped.fused_lora is None
+    # one built in memory has not recorded its scheduler's class: the backbone still knows it is a flow
+    assert FluxBackbone.from_pipeline(tiny_flux_pipeline(tmp_path, guidance_embeds=True)).flow_matching
     x, batch = torch.randn(1, *dev.latent_shape), {"prompt": PROMPTS[:1]}
     with torch.no_grad():
         torch.testing.assert_close(wrapped.denoise(x, torch.tensor(300), wrapped.encode_condition(batch)),

@@ -20,7 +20,13 @@ FLUX_SCALING_FACTOR, FLUX_SHIFT_FACTOR = 0.3611, 0.1159
 
 
 def build_tiny_flux(root: Path, guidance_embeds: bool = False, seed: int = 0) -> Path:
-    """A tiny FLUX.1-shaped pipeline in ``root``: dev-like with ``guidance_embeds``, else schnell-like."""
+    """A tiny FLUX.1-shaped pipeline saved in ``root``: dev-like with ``guidance_embeds``, else schnell-like."""
+    tiny_flux_pipeline(root, guidance_embeds, seed).save_pretrained(root)
+    return root
+
+
+def tiny_flux_pipeline(root: Path, guidance_embeds: bool = False, seed: int = 0):
+    """The ``FluxPipeline`` of :func:`build_tiny_flux`, in memory (its tokenizers' files go to ``root``)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -51,6 +57,5 @@ def build_tiny_flux(root: Path, guidance_embeds: bool = False, seed: int = 0) ->
         num_train_timesteps=1000, shift=3.0 if guidance_embeds else 1.0, use_dynamic_shifting=guidance_embeds,
         base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
     )
-    FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                 text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer).save_pretrained(root)
-    return root
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from sdo_lightning.backbones.base import TextConditionedBackbone, speed_up
-from sdo_lightning.backbones.loading import load_failed, offline, torch_dtype, vae_decode, vae_encode
+from sdo_lightning.backbones.loading import (load_failed, offline, scheduler_config, torch_dtype, vae_decode,
+                                             vae_encode)
 
 
 @dataclass
@@ -170,7 +171,7 @@ class FluxBackbone(TextConditionedBackbone):
         self.negative_prompt = negative_prompt
         # FluxPipeline always passes sigmas linspace(1, 1/N, N) and the mu of its packed token
         # count to set_timesteps; the scheduler uses mu only where it shifts dynamically (dev)
-        config = dict(pipe.scheduler.config)
+        config = scheduler_config(pipe.scheduler)
         tokens = (self.latent_shape[1] // 2) * (self.latent_shape[2] // 2)
         mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                              config.get("base_shift", 0.5), config.get("max_shift", 1.15))
