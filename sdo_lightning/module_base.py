@@ -10,8 +10,11 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
 from sdo_lightning import progress, registry
 from sdo_lightning.backbones import Backbone
+from sdo_lightning.checkpoint_io import SafeCheckpointIO
 from sdo_lightning.contracts import Solver, Target
 
 
@@ -80,6 +83,11 @@ class OptimizationModule(LightningModule):
     def setup(self, stage: str) -> None:
         # trainer.log_dir is a collective under DDP: ask on every process, once
         self._log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        # atomic checkpoint writes, code-free reads (setup runs before a checkpoint is restored);
+        # strategies with their own format (FSDP's sharded one) keep theirs
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = SafeCheckpointIO()
 
     @property
     def log_dir(self) -> Path | None:
