@@ -11,8 +11,11 @@ from torch import nn
 
 from objective_fixtures import check_per_sample, style_png, tiny_clip  # noqa: F401
 from sdo_lightning import registry, sample
-from sdo_lightning.solvers import DDIM
+from sdo_lightning.solvers import DDIM, FlowMatchEuler
+from tiny_flux import build_tiny_flux
 from tiny_models import build_tiny_ddpm, build_tiny_pixart, build_tiny_sd
+from tiny_sd3 import build_tiny_sd3
+from tiny_sdxl import build_tiny_sdxl
 from tiny_objective_models import (TinyOpenCLIP, aesthetic_state, install_fake_open_clip, install_fake_torchvision,
                                    lpips_lin_state, save, vgg16_state)
 
@@ -90,7 +93,9 @@ def backbone_dirs(tmp_path_factory):
     from conftest import build_tiny_digits
 
     root = tmp_path_factory.mktemp("backbones")
-    return {"digits": build_tiny_digits(root / "digits"), "ddpm": build_tiny_ddpm(root / "ddpm"),
+    return {"digits": build_tiny_digits(root / "digits"), "flow_digits": build_tiny_digits(root / "flow", flow=True),
+            "ddpm": build_tiny_ddpm(root / "ddpm"), "sd3": build_tiny_sd3(root / "sd3"),
+            "flux": build_tiny_flux(root / "flux", guidance_embeds=True), "sdxl": build_tiny_sdxl(root / "sdxl"),
             "sd": build_tiny_sd(root / "sd"), "pixart": build_tiny_pixart(root / "pixart")}
 
 
@@ -99,6 +104,10 @@ def _backbones():
 
     return {
         "DigitsBackbone": lambda d: b.DigitsBackbone(str(d["digits"]), guidance_scale=2.0),
+        "FlowDigitsBackbone": lambda d: b.FlowDigitsBackbone(str(d["flow_digits"]), guidance_scale=2.0),
+        "FluxBackbone": lambda d: b.FluxBackbone(str(d["flux"]), local_files_only=True, height=16, width=16),
+        "StableDiffusion3Backbone": lambda d: b.StableDiffusion3Backbone(str(d["sd3"]), local_files_only=True),
+        "StableDiffusionXLBackbone": lambda d: b.StableDiffusionXLBackbone(str(d["sdxl"]), local_files_only=True),
         "PixArtAlphaBackbone": lambda d: b.PixArtAlphaBackbone(str(d["pixart"]), local_files_only=True),
         "PixelUNetBackbone": lambda d: b.PixelUNetBackbone(str(d["ddpm"]), local_files_only=True),
         "StableDiffusionBackbone": lambda d: b.StableDiffusionBackbone(str(d["sd"]), local_files_only=True),
@@ -136,7 +145,8 @@ def test_backbone_contract(name, backbone_dirs):
     assert backbone.encode(images.detach()).shape == x.shape
     names = [n for n, _ in backbone.network.named_modules()]
     assert any(n.endswith(target) for target in backbone.lora_target_modules for n in names)
-    x0 = sample(backbone.denoise, DDIM(2), x, cond, scheduler_config=backbone.scheduler_config)
+    solver = FlowMatchEuler(2) if backbone.flow_matching else DDIM(2)
+    x0 = sample(backbone.denoise, solver, x, cond, scheduler_config=backbone.scheduler_config)
     assert x0.shape == x.shape and torch.isfinite(x0).all()
     assert isinstance(backbone.lcm_distilled, bool)
 

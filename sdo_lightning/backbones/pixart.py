@@ -24,7 +24,7 @@ class PixArtAlphaBackbone(TextConditionedBackbone):
 
     Args:
         model: a diffusers pipeline directory or hub id (e.g. ``PixArt-alpha/PixArt-XL-2-512x512``).
-        guidance_scale: classifier-free guidance scale (1 = none).
+        guidance_scale: classifier-free guidance scale; 1 or below is none (as the pipelines: SD-Turbo's 0 too).
         negative_prompt: the prompt guidance pushes away from.
         max_sequence_length: T5 tokens per prompt (PixArt-alpha was trained with 120).
         height: image height in pixels; None for the model's native size.
@@ -109,7 +109,7 @@ class PixArtAlphaBackbone(TextConditionedBackbone):
         prompts = self.prompts(batch)
         embeds, mask = self._embed(prompts)
         negative = negative_mask = None
-        if self.guidance_scale != 1.0:
+        if self.guidance_scale > 1.0:  # as the pipeline: guidance above 1 only
             negative, negative_mask = self._embed([self.negative_prompt] * len(prompts))
         return TextCondition(embeds, negative, mask, negative_mask)
 

@@ -172,17 +172,49 @@ class DigitsBackbone(PixelUNetBackbone):
     """
 
     NULL_CLASS = 10
+    #: the recipe's flag for this model (``python -m sdo_lightning.digits.train``)
+    recipe_flag = ""
 
     def __init__(
         self, path: str | None = None, guidance_scale: float = 1.0, compile: bool | str = False, channels_last: bool = False
     ) -> None:
-        from sdo_lightning.digits import WEIGHTS_DIR
-
-        root = Path(path) if path is not None else WEIGHTS_DIR
+        root = Path(path) if path is not None else self.shipped_weights()
         if not (root / "unet" / "config.json").is_file():
             raise FileNotFoundError(
                 f"no digits model in {root} (expected {root / 'unet' / 'config.json'}); train one with "
-                f"`python -m sdo_lightning.digits.train --out {root}` or leave `path` unset for the shipped weights."
+                f"`python -m sdo_lightning.digits.train{self.recipe_flag} --out {root}` or leave `path` unset for the "
+                "shipped weights."
             )
         super().__init__(str(root), guidance_scale=guidance_scale, null_class=self.NULL_CLASS, local_files_only=True,
                          compile=compile, channels_last=channels_last)
+
+    @staticmethod
+    def shipped_weights() -> Path:
+        from sdo_lightning import digits
+
+        return digits.WEIGHTS_DIR
+
+
+class FlowDigitsBackbone(DigitsBackbone):
+    """The embedded flow-matching default: the digits UNet trained as a rectified flow (it
+    predicts the velocity noise - x_0; sample it with ``FlowMatchEuler``).
+
+    Conditioning is a class label 0-9 per sample, or 10 for "no class" (unconditional).
+    Without a ``path`` it loads the weights shipped inside the package.
+
+    Args:
+        path: a directory with ``unet/`` and ``scheduler/`` (a ``FlowMatchEulerDiscreteScheduler``
+            config), as ``python -m sdo_lightning.digits.train --flow`` writes; None for the
+            shipped weights.
+        guidance_scale: classifier-free guidance scale for conditional samples (1 = none).
+        compile: ``torch.compile`` the UNet (True, or the name of a backend).
+        channels_last: store the UNet's weights channels-last (faster convolutions on GPUs).
+    """
+
+    recipe_flag = " --flow"
+
+    @staticmethod
+    def shipped_weights() -> Path:
+        from sdo_lightning import digits
+
+        return digits.FLOW_WEIGHTS_DIR

@@ -22,7 +22,7 @@ class StableDiffusionBackbone(TextConditionedBackbone):
 
     Args:
         model: a diffusers pipeline directory or hub id (e.g. ``stable-diffusion-v1-5/stable-diffusion-v1-5``).
-        guidance_scale: classifier-free guidance scale (1 = none).
+        guidance_scale: classifier-free guidance scale; 1 or below is none (as the pipelines: SD-Turbo's 0 too).
         negative_prompt: the prompt guidance pushes away from.
         local_files_only: never reach the network (also implied by ``HF_HUB_OFFLINE=1``).
         revision: the hub revision to load.
@@ -98,7 +98,7 @@ class StableDiffusionBackbone(TextConditionedBackbone):
         prompts = self.prompts(batch)
         embeds = self._embed(prompts)
         negative = None
-        if self.guidance_scale != 1.0 and not self.guidance_embedding:
+        if self.guidance_scale > 1.0 and not self.guidance_embedding:  # as the pipeline: guidance above 1 only
             negative = self._embed([self.negative_prompt] * len(prompts))
         return TextCondition(embeds, negative)
 
