@@ -45,9 +45,10 @@ def as_denoiser(net):
     return lambda x, t, cond: net(x, t, cond)
 
 
-def build_tiny_digits(root, image_size: int = 8, seed: int = 0):
-    """A tiny random digits model in the layout the recipe writes: unet/, scheduler/, classifier/."""
-    from diffusers import DDPMScheduler, UNet2DModel
+def build_tiny_digits(root, image_size: int = 8, seed: int = 0, flow: bool = False):
+    """A tiny random digits model in the layout the recipe writes: unet/, scheduler/, classifier/
+    (``flow``: a FlowMatchEulerDiscreteScheduler config, as ``train --flow`` writes)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
     from sdo_lightning.digits import DigitClassifier
 
@@ -58,7 +59,10 @@ def build_tiny_digits(root, image_size: int = 8, seed: int = 0):
         norm_num_groups=4, num_class_embeds=11,
     )
     unet.save_pretrained(root / "unet")
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False).save_pretrained(root / "scheduler")
+    if flow:
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(root / "scheduler")
+    else:
+        DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False).save_pretrained(root / "scheduler")
     DigitClassifier(image_size=image_size, channels=(4, 8), hidden=16, norm_groups=2).save_pretrained(root / "classifier")
     return root
 

@@ -4,7 +4,7 @@ both trained on scikit-learn's bundled digits (see :mod:`sdo_lightning.digits.tr
 Shipped weights live under :data:`WEIGHTS_DIR`: ``unet/`` (diffusers ``UNet2DModel``, class labels
 0..9 plus the null class 10 for classifier-free guidance, working on images scaled to [-1, 1]),
 ``scheduler/`` (diffusers ``DDPMScheduler`` config) and ``classifier/`` (:class:`DigitClassifier`,
-taking images in [0, 1]).
+taking images in [0, 1]). :data:`FLOW_WEIGHTS_DIR` holds the same UNet trained as a rectified flow.
 """
 
 from pathlib import Path
@@ -13,5 +13,8 @@ from sdo_lightning.digits.classifier import DigitClassifier
 from sdo_lightning.digits.data import load_digits_images
 
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
+#: the rectified-flow UNet of the same data (``unet/``, ``scheduler/``: a FlowMatchEulerDiscreteScheduler
+#: config); the classifier under WEIGHTS_DIR scores it too
+FLOW_WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "flow_weights"
 
-__all__ = ["DigitClassifier", "WEIGHTS_DIR", "load_digits_images"]
+__all__ = ["DigitClassifier", "FLOW_WEIGHTS_DIR", "WEIGHTS_DIR", "load_digits_images"]
