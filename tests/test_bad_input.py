@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, Trainer
 from sdo_lightning import Objective
 from sdo_lightning.backbones import DigitsBackbone
 from sdo_lightning.callbacks import InterruptCheckpoint
-from sdo_lightning.cli import console_main, main
+from sdo_lightning.cli import console_main
 from sdo_lightning.data import PromptSet, SampleSet
 from sdo_lightning.latent_optimization import LatentOptimization
 from sdo_lightning.module_base import NonFiniteError, check_solver_fits_backbone

@@ -9,7 +9,6 @@ from lightning.pytorch import Trainer
 from sdo_lightning import Objective
 from sdo_lightning.backbones import DigitsBackbone
 from sdo_lightning.data import SampleSet
-from sdo_lightning.gradient_modes import FullBackprop, ShortcutGradient
 from sdo_lightning.latent_optimization import LatentOptimization
 from sdo_lightning.solvers import DDIM
 from sdo_lightning.targets import IntermediateLatent, StartNoise

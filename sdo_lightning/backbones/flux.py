@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from sdo_lightning.backbones.base import TextConditionedBackbone, speed_up
-from sdo_lightning.backbones.loading import (load_failed, offline, scheduler_config, torch_dtype, vae_decode,
+from sdo_lightning.backbones.loading import (load_pipeline, save_pipeline_lora, scheduler_config, vae_decode,
                                              vae_encode)
 
 
@@ -126,16 +126,8 @@ class FluxBackbone(TextConditionedBackbone):
         super().__init__()
         from diffusers import FluxPipeline
 
-        dtype_ = torch_dtype(dtype)
-        try:
-            pipe = FluxPipeline.from_pretrained(model, local_files_only=offline(local_files_only), revision=revision,
-                                                variant=variant, **({"torch_dtype": dtype_} if dtype_ else {}))
-        except (OSError, ValueError) as err:
-            raise load_failed("FLUX pipeline", model, err) from None
-        if lora is not None:
-            pipe.load_lora_weights(lora, local_files_only=offline(local_files_only))
-            pipe.fuse_lora()
-            pipe.unload_lora_weights()
+        pipe = load_pipeline(FluxPipeline, model, "FLUX pipeline", local_files_only=local_files_only, revision=revision,
+                             variant=variant, dtype=dtype, lora=lora)
         self._adopt(pipe, guidance_scale, true_cfg_scale, negative_prompt, max_sequence_length, height, width,
                     compile, channels_last)
         self.fused_lora = lora
@@ -249,11 +241,4 @@ class FluxBackbone(TextConditionedBackbone):
         """Write the transformer adapter in diffusers' FLUX format: ``pipeline.load_lora_weights(directory)``."""
         from diffusers import FluxPipeline
 
-        from sdo_lightning.lora import lora_state_dict
-
-        directory = Path(directory)
-        # peft's key layout, as diffusers' FLUX LoRA training scripts save it; the metadata
-        # carries lora_alpha (without it diffusers loads the adapter at alpha = rank)
-        FluxPipeline.save_lora_weights(directory, transformer_lora_layers=lora_state_dict(self.transformer),
-                                       transformer_lora_adapter_metadata=self.transformer._sdo_lora_config.to_dict())
-        return directory
+        return save_pipeline_lora(FluxPipeline, self.transformer, directory, "transformer")

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from sdo_lightning._hub import offline
 from sdo_lightning.backbones.base import unit_range
 
-__all__ = ["offline", "load_failed", "from_subfolder_or_root", "torch_dtype", "scheduler_config", "epsilon_only", "epsilon_half",
+__all__ = ["offline", "load_failed", "load_pipeline", "save_pipeline_lora", "from_subfolder_or_root", "torch_dtype", "scheduler_config", "epsilon_only", "epsilon_half",
            "vae_decode", "vae_encode", "load_t5_tokenizer"]
 
 
@@ -30,6 +30,48 @@ def load_failed(what: str, model: str, err: Exception) -> FileNotFoundError:
     # the first clause of the original message, so the whole error stays one sentence
     detail = (str(err).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")[:200]
     return FileNotFoundError(f"could not load the {what} from {model!r} ({type(err).__name__}: {detail}); {how}.")
+
+
+def load_pipeline(pipeline_cls: Any, model: str, what: str, *, local_files_only: bool | None,
+                  revision: str | None = None, variant: str | None = None, dtype: str | None = None,
+                  lora: str | None = None, errors: tuple[type[Exception], ...] = (OSError, ValueError),
+                  **kwargs: Any) -> Any:
+    """``pipeline_cls.from_pretrained(model)`` with the hub options (``HF_HUB_OFFLINE`` honoured),
+    the weights' dtype by name, a one-sentence error naming what to fetch when it does not load,
+    and optional LoRA weights (a directory or file in diffusers' format, e.g. LCM-LoRA) fused in."""
+    hub = {"local_files_only": offline(local_files_only), "revision": revision}
+    weights_dtype = torch_dtype(dtype)
+    try:
+        pipe = pipeline_cls.from_pretrained(model, variant=variant, **hub, **kwargs,
+                                            **({"torch_dtype": weights_dtype} if weights_dtype else {}))
+    except errors as err:
+        raise load_failed(what, model, err) from None
+    if lora is not None:
+        pipe.load_lora_weights(lora, local_files_only=hub["local_files_only"])
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    return pipe
+
+
+def save_pipeline_lora(pipeline_cls: Any, network: nn.Module, directory: str | Path, component: str) -> Path:
+    """Write ``network``'s LoRA adapter as ``pipeline_cls.save_lora_weights`` lays it out for
+    ``component`` (``"unet"`` or ``"transformer"``), loadable by ``pipeline.load_lora_weights``.
+
+    UNet adapters are converted to diffusers' key layout; transformer adapters keep peft's, as
+    diffusers' training scripts save them. The metadata carries lora_alpha: without it diffusers
+    loads the adapter at alpha = rank.
+    """
+    from sdo_lightning.lora import lora_state_dict
+
+    layers = lora_state_dict(network)
+    if component == "unet":
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        layers = convert_state_dict_to_diffusers(layers)
+    directory = Path(directory)
+    pipeline_cls.save_lora_weights(directory, **{f"{component}_lora_layers": layers,
+                                                 f"{component}_lora_adapter_metadata": network._sdo_lora_config.to_dict()})
+    return directory
 
 
 def from_subfolder_or_root(load: Any, model: str, subfolder: str, **kwargs: Any) -> Any:

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, speed_up
-from sdo_lightning.backbones.loading import (epsilon_half, epsilon_only, load_failed, load_t5_tokenizer, offline,
-                                             scheduler_config, torch_dtype, vae_decode, vae_encode)
+from sdo_lightning.backbones.loading import (epsilon_half, epsilon_only, load_pipeline, load_t5_tokenizer, offline,
+                                             scheduler_config, vae_decode, vae_encode)
 
 
 class PixArtAlphaBackbone(TextConditionedBackbone):
@@ -58,14 +58,9 @@ class PixArtAlphaBackbone(TextConditionedBackbone):
         super().__init__()
         from diffusers import PixArtAlphaPipeline
 
-        hub = {"local_files_only": offline(local_files_only), "revision": revision}
-        dtype_ = torch_dtype(dtype)
-        tokenizer = load_t5_tokenizer(model, **hub)
-        try:
-            pipe = PixArtAlphaPipeline.from_pretrained(model, tokenizer=tokenizer, variant=variant,
-                                                       **({"torch_dtype": dtype_} if dtype_ else {}), **hub)
-        except (OSError, ValueError) as err:
-            raise load_failed("PixArt-alpha pipeline", model, err) from None
+        tokenizer = load_t5_tokenizer(model, local_files_only=offline(local_files_only), revision=revision)
+        pipe = load_pipeline(PixArtAlphaPipeline, model, "PixArt-alpha pipeline", local_files_only=local_files_only,
+                             revision=revision, variant=variant, dtype=dtype, tokenizer=tokenizer)
         self._adopt(pipe, guidance_scale, negative_prompt, max_sequence_length, height, width, compile, channels_last)
 
     def _adopt(self, pipe: Any, guidance_scale: float, negative_prompt: str, max_sequence_length: int,

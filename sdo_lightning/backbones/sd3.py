@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, speed_up
-from sdo_lightning.backbones.loading import load_failed, offline, scheduler_config, torch_dtype, vae_decode, vae_encode
+from sdo_lightning.backbones.loading import (load_failed, load_pipeline, offline, save_pipeline_lora, scheduler_config,
+                                             vae_decode, vae_encode)
 
 
 @dataclass
@@ -92,20 +93,15 @@ class StableDiffusion3Backbone(TextConditionedBackbone):
         from diffusers import StableDiffusion3Pipeline
 
         hub = {"local_files_only": offline(local_files_only), "revision": revision}
-        dtype_ = torch_dtype(dtype)
         try:
             index = StableDiffusion3Pipeline.load_config(model, **hub)
-            # diffusers refuses a pipeline saved without T5 unless told so
-            saved_t5 = (index.get("text_encoder_3") or [None])[0] is not None
-            no_t5 = {} if text_encoder_3 and saved_t5 else {"text_encoder_3": None, "tokenizer_3": None}
-            pipe = StableDiffusion3Pipeline.from_pretrained(model, variant=variant, **no_t5, **hub,
-                                                            **({"torch_dtype": dtype_} if dtype_ else {}))
         except (OSError, ValueError) as err:
             raise load_failed("Stable Diffusion 3 pipeline", model, err) from None
-        if lora is not None:
-            pipe.load_lora_weights(lora, local_files_only=hub["local_files_only"])
-            pipe.fuse_lora()
-            pipe.unload_lora_weights()
+        # diffusers refuses a pipeline saved without T5 unless told so
+        saved_t5 = (index.get("text_encoder_3") or [None])[0] is not None
+        no_t5 = {} if text_encoder_3 and saved_t5 else {"text_encoder_3": None, "tokenizer_3": None}
+        pipe = load_pipeline(StableDiffusion3Pipeline, model, "Stable Diffusion 3 pipeline", local_files_only=local_files_only,
+                             revision=revision, variant=variant, dtype=dtype, lora=lora, **no_t5)
         self._adopt(pipe, guidance_scale, negative_prompt, max_sequence_length, height, width, compile, channels_last)
         self.fused_lora = lora
 
@@ -224,12 +220,4 @@ class StableDiffusion3Backbone(TextConditionedBackbone):
         """Write the transformer adapter in diffusers' SD3 format: ``pipeline.load_lora_weights(directory)``."""
         from diffusers import StableDiffusion3Pipeline
 
-        from sdo_lightning.lora import lora_state_dict
-
-        directory = Path(directory)
-        # peft's key layout is diffusers' for transformer LoRAs; the metadata carries lora_alpha
-        # (without it diffusers loads the adapter at alpha = rank)
-        StableDiffusion3Pipeline.save_lora_weights(
-            directory, transformer_lora_layers=lora_state_dict(self.transformer),
-            transformer_lora_adapter_metadata=self.transformer._sdo_lora_config.to_dict())
-        return directory
+        return save_pipeline_lora(StableDiffusion3Pipeline, self.transformer, directory, "transformer")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, speed_up
-from sdo_lightning.backbones.loading import load_failed, offline, torch_dtype, vae_decode, vae_encode
+from sdo_lightning.backbones.loading import load_pipeline, save_pipeline_lora, vae_decode, vae_encode
 from sdo_lightning.backbones.stable_diffusion import StableDiffusionBackbone
 
 
@@ -94,18 +94,9 @@ class StableDiffusionXLBackbone(TextConditionedBackbone):
         super().__init__()
         from diffusers import StableDiffusionXLPipeline
 
-        dtype_ = torch_dtype(dtype)
-        try:
-            pipe = StableDiffusionXLPipeline.from_pretrained(
-                model, local_files_only=offline(local_files_only), revision=revision, variant=variant,
-                add_watermarker=False, **({"torch_dtype": dtype_} if dtype_ else {}),
-            )
-        except (OSError, ValueError, TypeError) as err:
-            raise load_failed("Stable Diffusion XL pipeline", model, err) from None
-        if lora is not None:
-            pipe.load_lora_weights(lora, local_files_only=offline(local_files_only))
-            pipe.fuse_lora()
-            pipe.unload_lora_weights()
+        pipe = load_pipeline(StableDiffusionXLPipeline, model, "Stable Diffusion XL pipeline",
+                             local_files_only=local_files_only, revision=revision, variant=variant, dtype=dtype, lora=lora,
+                             errors=(OSError, ValueError, TypeError), add_watermarker=False)
         self._adopt(pipe, guidance_scale, negative_prompt, height, width, compile, channels_last)
         self.fused_lora = lora  # e.g. an LCM-LoRA (the solver check reads it)
 
@@ -227,13 +218,5 @@ class StableDiffusionXLBackbone(TextConditionedBackbone):
     def save_lora(self, directory: str | Path) -> Path:
         """Write the UNet adapter in diffusers' SDXL format: ``pipeline.load_lora_weights(directory)``."""
         from diffusers import StableDiffusionXLPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
 
-        from sdo_lightning.lora import lora_state_dict
-
-        directory = Path(directory)
-        layers = convert_state_dict_to_diffusers(lora_state_dict(self.unet))
-        # the metadata carries lora_alpha: without it diffusers loads the adapter at alpha = rank
-        StableDiffusionXLPipeline.save_lora_weights(directory, unet_lora_layers=layers,
-                                                    unet_lora_adapter_metadata=self.unet._sdo_lora_config.to_dict())
-        return directory
+        return save_pipeline_lora(StableDiffusionXLPipeline, self.unet, directory, "unet")

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, speed_up
-from sdo_lightning.backbones.loading import load_failed, offline, scheduler_config, vae_decode, vae_encode
+from sdo_lightning.backbones.loading import load_pipeline, save_pipeline_lora, scheduler_config, vae_decode, vae_encode
 
 
 class StableDiffusionBackbone(TextConditionedBackbone):
@@ -50,17 +50,9 @@ class StableDiffusionBackbone(TextConditionedBackbone):
         super().__init__()
         from diffusers import StableDiffusionPipeline
 
-        try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                model, safety_checker=None, requires_safety_checker=False, local_files_only=offline(local_files_only),
-                revision=revision, variant=variant,
-            )
-        except (OSError, ValueError) as err:
-            raise load_failed("Stable Diffusion pipeline", model, err) from None
-        if lora is not None:
-            pipe.load_lora_weights(lora, local_files_only=offline(local_files_only))
-            pipe.fuse_lora()
-            pipe.unload_lora_weights()
+        pipe = load_pipeline(StableDiffusionPipeline, model, "Stable Diffusion pipeline", local_files_only=local_files_only,
+                             revision=revision, variant=variant, lora=lora, safety_checker=None,
+                             requires_safety_checker=False)
         self._adopt(pipe, guidance_scale, negative_prompt, compile, channels_last)
         self.fused_lora = lora  # e.g. an LCM-LoRA (the solver check reads it)
 
@@ -135,13 +127,5 @@ class StableDiffusionBackbone(TextConditionedBackbone):
     def save_lora(self, directory: str | Path) -> Path:
         """Write the UNet adapter in diffusers' format: ``pipeline.load_lora_weights(directory)``."""
         from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
 
-        from sdo_lightning.lora import lora_state_dict
-
-        directory = Path(directory)
-        layers = convert_state_dict_to_diffusers(lora_state_dict(self.unet))
-        # the metadata carries lora_alpha: without it diffusers loads the adapter at alpha = rank
-        StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers,
-                                                  unet_lora_adapter_metadata=self.unet._sdo_lora_config.to_dict())
-        return directory
+        return save_pipeline_lora(StableDiffusionPipeline, self.unet, directory, "unet")
