@@ -3,23 +3,28 @@
 import torch
 from lightning.pytorch import Trainer
 
-from sdo_lightning.backbones import DigitsBackbone
+import pytest
+
+from sdo_lightning.backbones import DigitsBackbone, FlowDigitsBackbone
 from sdo_lightning.data import SampleSet
-from sdo_lightning.digits import WEIGHTS_DIR, DigitClassifier
+from sdo_lightning.digits import FLOW_WEIGHTS_DIR, WEIGHTS_DIR, DigitClassifier
 from sdo_lightning.latent_optimization import LatentOptimization
 from sdo_lightning.objectives import ClassifierObjective, L2Fidelity, WeightedSum
-from sdo_lightning.solvers import DDIM
+from sdo_lightning.solvers import DDIM, FlowMatchEuler
 
 
-def test_shipped_weights_are_small():
-    total = sum(f.stat().st_size for f in WEIGHTS_DIR.rglob("*") if f.is_file())
+@pytest.mark.parametrize("weights", [WEIGHTS_DIR, FLOW_WEIGHTS_DIR], ids=["ddpm", "flow"])
+def test_shipped_weights_are_small(weights):
+    total = sum(f.stat().st_size for f in weights.rglob("*") if f.is_file())
     assert total <= 10 * 2**20
 
 
-def test_target_probability_rises_on_shipped_model(tmp_path):
+@pytest.mark.parametrize("backbone, solver", [(DigitsBackbone, DDIM), (FlowDigitsBackbone, FlowMatchEuler)],
+                         ids=["ddpm", "flow"])
+def test_target_probability_rises_on_shipped_model(backbone, solver, tmp_path):
     torch.manual_seed(0)
     objective = WeightedSum([ClassifierObjective(augment=4, noise_std=0.2), L2Fidelity()], [1.0, 0.1])
-    module = LatentOptimization(objective=objective, backbone=DigitsBackbone(), solver=DDIM(20), lr=0.1)
+    module = LatentOptimization(objective=objective, backbone=backbone(), solver=solver(20), lr=0.1)
     Trainer(max_steps=30, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, default_root_dir=tmp_path).fit(module, datamodule=SampleSet(num_samples=4, target=7))
     # scored by a separately loaded classifier on the images the module kept
