@@ -26,6 +26,7 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdo_lightning import registry
@@ -245,22 +246,44 @@ def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
         )
 
 
-#: errors the project raises for bad input, each with a one-sentence message
-CLEAN_ERRORS = (ValueError, FileNotFoundError, KeyError, FloatingPointError, ImportError)
+#: errors that mean bad input (the project's own are one sentence each); Lightning's
+#: MisconfigurationException covers trainer options (max_steps -5, devices 0, a missing GPU)
+CLEAN_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, FileNotFoundError, KeyError, FloatingPointError, ImportError, PermissionError, NotADirectoryError,
+    IsADirectoryError, FileExistsError, MisconfigurationException,
+)
+
+
+def _chain(err: BaseException) -> list[BaseException]:
+    """The exceptions Python prints for ``err``, outermost first (an explicit cause, else the
+    context unless ``from None`` hid it)."""
+    out = [err]
+    while True:
+        inner = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
+        if inner is None or inner in out:
+            return out
+        out.append(inner)
+        err = inner
+
+
+def _raised_here(err: BaseException) -> bool:
+    """True when ``err`` was raised by this project's code (its sentences say what to fix)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("sdo_lightning")
 
 
 def clean_message(err: BaseException) -> str | None:
     """``"<Type>: <message>"`` for bad input, None for anything else (a bug, with a traceback).
 
-    jsonargparse wraps errors raised while it instantiates classes in a ValueError with a nested
-    message; the user's mistake is the innermost exception of the chain.
+    The message is the outermost bad-input error the project raised itself (it names what to fix,
+    and may wrap a library's error ``from`` it); jsonargparse's wrappers around it are skipped.
+    Without one, it is the innermost error of the chain, if that is a bad-input error.
     """
-    while True:
-        # the chain Python prints: an explicit cause, else the context unless ``from None`` hid it
-        inner = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
-        if inner is None:
-            break
-        err = inner
+    chain = _chain(err)
+    ours = [e for e in chain if isinstance(e, CLEAN_ERRORS) and _raised_here(e)]
+    err = ours[0] if ours else chain[-1]
     if not isinstance(err, CLEAN_ERRORS):
         return None
     message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)

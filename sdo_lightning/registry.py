@@ -116,9 +116,9 @@ def _contract(kind: str) -> type:
 def load_plugins(force: bool = False) -> list[PluginInfo]:
     """Import the built-in plugins and every entry point of the plugin groups; return what came.
 
-    Raises:
-        TypeError: an entry point names something that is not a subclass of its group's contract.
-        ValueError: an entry point's name differs from its class name.
+    An entry point that fails to import, names something that is not a subclass of its group's
+    contract, or whose name differs from its class name is skipped with a warning that says so
+    and names the off switch; the other plugins load.
     """
     global _LOADED
     _import_builtins()
@@ -133,17 +133,24 @@ def load_plugins(force: bool = False) -> list[PluginInfo]:
         base = _contract(kind)
         for ep in metadata.entry_points(group=group):
             dist = ep.dist.name if ep.dist is not None else "?"
-            obj = ep.load()
-            if not (isinstance(obj, type) and issubclass(obj, base)):
-                raise TypeError(
-                    f"entry point {ep.name!r} = {ep.value!r} of {dist!r} in group {group!r} is not a "
-                    f"subclass of sdo_lightning.{base.__name__}; make it one or remove the entry point."
+            problem = None
+            try:
+                obj = ep.load()
+            except Exception as err:  # a broken third-party package must not take every command down
+                problem = f"failed to import ({type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]})"
+            else:
+                if not (isinstance(obj, type) and issubclass(obj, base)):
+                    problem = f"is not a subclass of sdo_lightning.{base.__name__}"
+                elif obj.__name__ != ep.name:
+                    problem = f"points to class {obj.__name__!r}, but the entry-point name must equal the class name"
+            if problem is not None:
+                warnings.warn(
+                    f"plugin {ep.name!r} = {ep.value!r} of {dist!r} (group {group!r}) {problem}; it is skipped. "
+                    f"Fix or uninstall {dist!r}, or set {DISABLE_ENV}=1 to skip all third-party plugins.",
+                    UserWarning,
+                    stacklevel=2,
                 )
-            if obj.__name__ != ep.name:
-                raise ValueError(
-                    f"entry point {ep.name!r} of {dist!r} points to class {obj.__name__!r}; in group "
-                    f"{group!r} the entry-point name must equal the class name."
-                )
+                continue
             _ORIGIN[obj] = dist
             loaded.append(PluginInfo(kind, obj.__name__, obj, dist))
             log.debug("loaded %s %s from %s", kind, obj.__name__, dist)
