@@ -132,8 +132,12 @@ def load_image(path: str | os.PathLike, what: str = "reference image") -> Tensor
         import numpy as np
         from PIL import Image
 
-        with Image.open(file) as img:
-            array = np.asarray(img.convert("RGB"))
+        try:
+            with Image.open(file) as img:
+                array = np.asarray(img.convert("RGB"))
+        except Exception as err:  # truncated or not an image
+            raise ValueError(f"{what} {str(path)!r} is not a readable image ({type(err).__name__}); give a "
+                             "PNG/JPG file or a saved tensor.") from None
         tensor = torch.from_numpy(array.copy())
     elif suffix in (".npz", ".npy"):
         import numpy as np

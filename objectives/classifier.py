@@ -75,6 +75,10 @@ class ClassifierObjective(Objective):
             target = torch.as_tensor(batch["target"], device=images.device).long()
         else:
             raise KeyError("ClassifierObjective has no target: set target_class or give the batch a 'target'.")
+        classes = log_probs.shape[-1]
+        if len(target) and not (0 <= int(target.min()) and int(target.max()) < classes):
+            raise ValueError(f"ClassifierObjective: target classes must be in 0..{classes - 1}, got "
+                             f"{sorted(set(target.tolist()))}.")
         picked = log_probs.gather(1, target[:, None])[:, 0]
         self.terms = {"target_prob": picked.detach().exp()}
         return -picked

@@ -85,10 +85,16 @@ def _load_images(source: str, n: int) -> torch.Tensor:
     else:
         import numpy as np
 
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"images={source!r} is not a file; expected 'digits' or a .npz file with an "
+                                    "'images' array (N, C, H, W) in [0, 1].")
         try:
-            images = torch.from_numpy(np.load(source)["images"]).float()
-        except (OSError, KeyError) as err:
-            raise FileNotFoundError(f"images={source!r}: expected 'digits' or a .npz file with an 'images' array.") from err
+            images = torch.from_numpy(np.asarray(np.load(source)["images"])).float()
+        except Exception as err:  # truncated, not an npz, no 'images' entry, an object array, ...
+            raise ValueError(f"images={source!r} could not be read ({type(err).__name__}); expected a .npz file with "
+                             "an 'images' array (N, C, H, W) in [0, 1].") from None
+        if images.ndim != 4:
+            raise ValueError(f"images={source!r} holds an array of shape {tuple(images.shape)}; expected (N, C, H, W).")
     if len(images) < n:
         raise ValueError(f"images={source!r} holds {len(images)} images, fewer than num_samples={n}.")
     return images[:n]

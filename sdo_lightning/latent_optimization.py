@@ -222,7 +222,10 @@ class LatentOptimization(OptimizationModule):
         batch = self.trainer.datamodule.full_batch(self.device)
         batch["initial_images"] = self.initial_images
         summary: dict[str, Any] = {}
+        # an objective that draws random numbers (augmented copies) scores both with the same draws
+        start = progress.global_rng_states()
         for label, images in (("before", self.initial_images), ("after", self.best_images)):
+            progress.set_global_rng_states(start)
             loss = self.objective(images, batch)
             summary[label] = {"loss": loss.mean().item(), **{k: v.float().mean().item() for k, v in self.objective.terms.items()}}
         diff = (self.best_images - self.initial_images).flatten(1)

@@ -85,6 +85,9 @@ class OptimizationModule(LightningModule):
         self._log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         # atomic checkpoint writes, code-free reads (setup runs before a checkpoint is restored);
         # strategies with their own format (FSDP's sharded one) keep theirs
+        if self.trainer.accumulate_grad_batches < 1:
+            raise ValueError(f"trainer.accumulate_grad_batches must be >= 1 (micro-batches per optimizer step), got "
+                             f"{self.trainer.accumulate_grad_batches}.")
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:
             strategy.checkpoint_io = SafeCheckpointIO()

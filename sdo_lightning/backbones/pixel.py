@@ -127,7 +127,12 @@ class PixelUNetBackbone(Backbone):
                 raise KeyError(f"{type(self).__name__}: the UNet is class-conditional; give batch['class_label'] "
                                "(SampleSet(class_label=...)) or set null_class.")
             labels = torch.full((n,), self.null_class, dtype=torch.long)
-        return torch.as_tensor(labels, dtype=torch.long, device=self.unet.device)
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.unet.device)
+        classes = getattr(self.unet.class_embedding, "num_embeddings", None)
+        if classes is not None and len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < classes):
+            raise ValueError(f"{type(self).__name__}: class labels must be in 0..{classes - 1} (the UNet's classes), got "
+                             f"{sorted(set(labels.tolist()))}; set the data module's class_label accordingly.")
+        return labels
 
     def condition_embedding(self, cond: Tensor) -> Tensor | None:
         if not isinstance(self.unet.class_embedding, _LookupOrPass):
