@@ -20,7 +20,11 @@ from torch import Tensor, nn
 from sdo_lightning.backbones import Backbone
 
 LORA_RANK = 4
-#: the LoRA target of tiny, sd15 and pixart (embedded: DigitsBackbone.lora_target_modules, which adds conv1/conv2)
+#: each latent family's native latent side (--sd-latent-size's default): 512 px for SD-1.5 and
+#: PixArt-XL-2-512, 1024 px for SDXL, SD3 and FLUX.1
+NATIVE_LATENT = {"sd15": 64, "pixart": 64, "sdxl": 128, "sd3": 128, "flux": 128}
+#: the LoRA target of tiny, sd15, pixart and sdxl (embedded: DigitsBackbone.lora_target_modules, which adds
+#: conv1/conv2; sd3/flux: their backbones' lora_target_modules, which add the text stream's projections)
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -217,14 +221,20 @@ def build_pixart(device: torch.device, seed: int, latent_size: int, guidance: fl
 def build(name: str, device: torch.device, args: Any) -> Case:
     """The case ``name`` for gradient_cost.py's arguments."""
     speed = {"compile": args.compile, "channels_last": args.channels_last}
-    if name == "tiny":
+    latent = args.sd_latent_size or NATIVE_LATENT.get(name)
+    if name in ("sdxl", "sd3", "flux"):
+        from _families import build_family
+
+        case = build_family(name, device, args.seed, latent, small=args.tiny_sd, sd3_variant=args.sd3_variant,
+                            flux_variant=args.flux_variant, **speed)
+    elif name == "tiny":
         case = build_tiny(device, args.seed, **speed)
     elif name == "embedded":
         case = build_embedded(device, args.seed, **speed)
     elif name == "pixart":
-        case = build_pixart(device, args.seed, args.sd_latent_size, 4.5, small=args.tiny_sd, **speed)
+        case = build_pixart(device, args.seed, latent, 4.5, small=args.tiny_sd, **speed)
     else:
-        case = build_sd15(device, args.seed, args.sd_latent_size, args.guidance, small=args.tiny_sd, **speed)
+        case = build_sd15(device, args.seed, latent, args.guidance, small=args.tiny_sd, **speed)
     if args.lora_modules:
         case.lora_modules = list(args.lora_modules)
     return case

@@ -23,11 +23,25 @@ downloaded). Conditioning and classifier-free guidance are the backbones'.
   with a PixArt-XL-2-512-sized ``PixArtTransformer2DModel`` (28 blocks, width 1152, learned sigma:
   the backbone uses the epsilon half), the same VAE and a one-layer random T5 encoder of width
   4096 (120 tokens with their mask); bf16 on CUDA. ``full`` is skipped unless ``--include-full-sd``.
+* ``sdxl``: ``StableDiffusionXLBackbone.from_pipeline`` (guidance 5.0) on a
+  ``StableDiffusionXLPipeline`` with SDXL-base-1.0's ``UNet2DConditionModel`` (2.57B), the SD VAE
+  with SDXL's scaling 0.13025 and two 2-layer random CLIPs of widths 768 and 1280 (pooled 1280).
+* ``sd3``: ``StableDiffusion3Backbone.from_pipeline`` (guidance 7.0) on a ``StableDiffusion3Pipeline``
+  with SD3-medium's ``SD3Transformer2DModel`` (2.03B; ``--sd3-variant 3.5-medium``: MMDiT-X, 2.24B),
+  a 16-channel VAE (1.5305 / 0.0609), random CLIPs (768, 1280) and a 1-layer T5 of width 4096.
+* ``flux``: ``FluxBackbone.from_pipeline`` (embedded guidance 3.5, one call per step) on a
+  ``FluxPipeline`` with FLUX.1-dev's ``FluxTransformer2DModel`` (11.9B; ``--flux-variant schnell``),
+  a 16-channel VAE (0.3611 / 0.1159), a random CLIP of width 768 and a 1-layer T5 of width 4096.
+  sd3 and flux sample with ``FlowMatchEuler`` (the other solvers are refused for flow models);
+  their LoRA / ``parameters`` targets add the text stream's projections (the backbones'
+  ``lora_target_modules``). Their builders are in benchmarks/_families.py; ``full`` is skipped
+  unless ``--include-full-sd``. ``--count-params`` builds the denoisers on the meta device and
+  prints their sizes without running anything (FLUX's 12B in fp32 is 48 GB).
 * ``embedded``: the shipped digits model (``DigitsBackbone``, trained weights, unconditional)
   with the quickstart's classifier (log-probability of 7) as the objective.
 
-``--tiny-sd`` builds sd15 and pixart at test size (tens of thousands of weights) to check those code
-paths on a CPU in seconds; their timings then say nothing about the real models.
+``--tiny-sd`` builds sd15, pixart, sdxl, sd3 and flux at test size (tens of thousands of weights)
+to check those code paths on a CPU in seconds; their timings then say nothing about the real models.
 
 Targets: ``latent`` (x_T), ``parameters`` (the raw weights named above; tiny: all of them),
 ``lora`` (a rank-4 peft LoRA on the attention projections to_q, to_k, to_v, to_out.0; embedded:
@@ -47,6 +61,8 @@ Examples::
     python benchmarks/gradient_cost.py --solvers DDIM DPMSolverPlusPlus LCMMultistep --json
     python benchmarks/gradient_cost.py --backbone embedded --targets latent lora --modes sdo full
     python benchmarks/gradient_cost.py --backbone sd15 pixart --tiny-sd --steps 2   # CPU smoke test
+    python benchmarks/gradient_cost.py --backbone sdxl sd3 flux --tiny-sd --steps 5 --sd-latent-size 8
+    python benchmarks/gradient_cost.py --backbone sdxl sd3 flux --count-params
     python benchmarks/gradient_cost.py --backbone sd15 pixart --steps 50   # on a GPU
     python benchmarks/gradient_cost.py --backbone sd15 --compile           # torch.compile'd denoiser
 """
@@ -63,10 +79,14 @@ from typing import Any
 import torch
 
 from _measure import MODES, TARGETS, Run, log, measure_row, timed_run
-from _models import add_adapters, build
-from sdo_lightning.solvers import DDIM, DPMSolverPlusPlus, LCMMultistep
+from _models import NATIVE_LATENT, add_adapters, build
+from sdo_lightning.module_base import check_solver_fits_backbone
+from sdo_lightning.solvers import DDIM, DPMSolverPlusPlus, FlowMatchEuler, LCMMultistep
 
-SOLVERS = {"DDIM": DDIM, "DPMSolverPlusPlus": DPMSolverPlusPlus, "LCMMultistep": LCMMultistep}
+SOLVERS = {"DDIM": DDIM, "DPMSolverPlusPlus": DPMSolverPlusPlus, "LCMMultistep": LCMMultistep,
+           "FlowMatchEuler": FlowMatchEuler}
+#: the latent families whose plain full backprop needs --include-full-sd (tens of GB)
+LARGE = ("sd15", "pixart", "sdxl", "sd3", "flux")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,12 +106,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--backbone",
         nargs="+",
-        choices=["tiny", "embedded", "sd15", "pixart"],
+        choices=["tiny", "embedded", "sd15", "pixart", "sdxl", "sd3", "flux"],
         default=None,
         help="backbones to run (default: tiny, plus sd15 and pixart when CUDA is available)",
     )
     parser.add_argument(
-        "--solvers", nargs="+", choices=list(SOLVERS), default=["DDIM"], help="solvers (default: DDIM)"
+        "--solvers", nargs="+", choices=list(SOLVERS), default=["DDIM"],
+        help="solvers (default: DDIM); flow backbones (sd3, flux) run FlowMatchEuler whatever is asked"
     )
     parser.add_argument(
         "--steps", type=int, default=50, help="network calls per trajectory (default 50; LCM uses min(steps, 8))"
@@ -110,21 +131,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--include-full-sd", action="store_true",
-                        help="also run plain full backprop on sd15/pixart (tens of GB)")
+                        help="also run plain full backprop on sd15/pixart/sdxl/sd3/flux (tens of GB)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the denoiser (nn.Module.compile; first runs include compilation: use --warmup)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last weights for the denoiser")
     parser.add_argument(
         "--sd-latent-size",
         type=int,
-        default=64,
-        help="sd15/pixart latent side (default 64 = 512 px images); smaller only for smoke tests",
+        default=None,
+        help="latent side of the latent families (default: native, "
+        + ", ".join(f"{k} {v}" for k, v in NATIVE_LATENT.items()) + "; x8 = pixels); smaller only for smoke tests",
     )
     parser.add_argument("--guidance", type=float, default=7.5, help="sd15 CFG scale (default 7.5; pixart uses 4.5)")
     parser.add_argument("--tiny-sd", action="store_true",
-                        help="sd15/pixart: test-sized pipelines (checks the code path on a CPU; timings meaningless)")
+                        help="sd15/pixart/sdxl/sd3/flux: test-sized pipelines (checks the code path on a CPU; "
+                        "timings meaningless)")
+    parser.add_argument("--sd3-variant", choices=["3-medium", "3.5-medium"], default="3-medium",
+                        help="sd3: SD3-medium's transformer or SD3.5-medium's (MMDiT-X: dual attention 0-12, RMS qk norm)")
+    parser.add_argument("--flux-variant", choices=["dev", "schnell"], default="dev",
+                        help="flux: FLUX.1-dev (guidance embedding, dynamic shift) or FLUX.1-schnell")
+    parser.add_argument("--count-params", action="store_true",
+                        help="sdxl/sd3/flux: build the denoisers and VAEs on the meta device, print their "
+                        "parameter counts and exit (no memory, no run)")
     parser.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME",
-                        help="LoRA target modules (default: to_q to_k to_v to_out.0; embedded: DigitsBackbone's)")
+                        help="LoRA target modules (default: to_q to_k to_v to_out.0; embedded, sd3, flux: "
+                        "their backbones' lora_target_modules)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a markdown table")
     args = parser.parse_args(argv)
@@ -137,12 +168,48 @@ def fmt(value: float | None, digits: int) -> str:
     return "-" if value is None or value != value else f"{value:.{digits}f}"
 
 
+def solvers_for(case: Any, names: list[str]) -> list[str]:
+    """The asked solvers that fit the backbone (check_solver_fits_backbone); FlowMatchEuler for flow models."""
+    if case.backbone.flow_matching and "FlowMatchEuler" not in names:
+        log(f"[{case.name}] rectified-flow model: {' '.join(names)} refused, running FlowMatchEuler")
+        names = ["FlowMatchEuler"]
+    kept = []
+    for name in names:
+        try:
+            check_solver_fits_backbone(SOLVERS[name](num_inference_steps=1), case.backbone)
+            kept.append(name)
+        except ValueError as err:
+            log(f"[{case.name}] {name} skipped: {err}")
+    return kept
+
+
+def count_params(backbones: list[str], args: argparse.Namespace) -> int:
+    """--count-params: the meta-device parameter counts of the sdxl/sd3/flux denoisers and VAEs."""
+    from _families import FAMILIES, PUBLISHED, count_parameters, denoiser_config
+
+    print("| backbone | denoiser | denoiser parameters | + buffers | published | VAE parameters |")
+    print("|---|---|---|---|---|---|")
+    for name in backbones:
+        if name not in FAMILIES:
+            log(f"--count-params: {name} skipped (sdxl, sd3 and flux only)")
+            continue
+        counts = count_parameters(name, args.tiny_sd, args.sd3_variant, args.flux_variant)
+        variant = {"sd3": f" {args.sd3_variant}", "flux": f" {args.flux_variant}"}.get(name, "")
+        cls = denoiser_config(name, args.tiny_sd, args.sd3_variant, args.flux_variant)[0].__name__
+        n, with_buffers, n_vae = counts["denoiser"], counts["denoiser"] + counts["buffers"], counts["vae"]
+        print(f"| {name}{variant}{' (tiny)' if args.tiny_sd else ''} | {cls} | {n:,} ({n / 1e9:.3f}B) | "
+              f"{with_buffers / 1e9:.3f}B | {PUBLISHED[name]} | {n_vae:,} ({n_vae / 1e6:.1f}M) |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     backbones = args.backbone or (["tiny", "sd15", "pixart"] if device.type == "cuda" else ["tiny"])
+    if args.count_params:
+        return count_params(backbones, args)
     log(f"device: {device_name}, threads: {torch.get_num_threads()}, torch {torch.__version__}")
 
     rows: list[dict[str, Any]] = []
@@ -155,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"[{bb_name}] built in {time.perf_counter() - t0:.1f}s; {len(case.trainable)} trainable tensors "
             f"({sum(p.numel() for p in case.trainable) / 1e6:.2f}M weights) for the parameters target")
         x_T = torch.randn(case.latent_shape, device=device, generator=torch.Generator(device).manual_seed(args.seed))
-        for solver_name in args.solvers:
+        for solver_name in solvers_for(case, args.solvers):
             steps = min(args.steps, 8) if solver_name == "LCMMultistep" else args.steps
             solver = SOLVERS[solver_name](num_inference_steps=steps)
             common = {"backbone": bb_name, "device": device_name, "solver": solver_name, "steps": steps,
@@ -171,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 all_bases += [timed_run(case, solver, "sampling", "-", x_T, args.seed + r, warn=False)
                               for r in range(args.repeats)]
             for target, mode_name in jobs:
-                if bb_name in ("sd15", "pixart") and mode_name == "full" and not (args.include_full_sd or args.tiny_sd):
+                if bb_name in LARGE and mode_name == "full" and not (args.include_full_sd or args.tiny_sd):
                     log(f"  {mode_name}/{target}: skipped on {bb_name} (pass --include-full-sd)")
                     continue
                 runs, bases = measure_row(case, solver, mode_name, target, x_T, args)
