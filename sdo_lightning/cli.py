@@ -31,6 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from sdo_lightning import registry
 from sdo_lightning.callbacks import InterruptCheckpoint
+from sdo_lightning.checkpoint_io import read_checkpoint
 
 VERBOSE_ENV = "SDO_VERBOSE_ERRORS"
 #: Lightning's notes that are expected in every sdo fit, silenced while the command runs: the
@@ -47,6 +48,17 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 #: optimizer steps between the default checkpoints (a killed run loses at most this many)
 CHECKPOINT_EVERY_N_STEPS = 25
+#: where ``sdo fit --trainer.logger false`` runs go, in ``version_N`` folders under the root directory
+RUNS_WITHOUT_LOGGER = "sdo_runs"
+
+
+def _next_version(root: Path) -> Path:
+    """``root/version_N`` for the first N not taken yet."""
+    taken = {p.name for p in root.glob("version_*")} if root.is_dir() else set()
+    n = 0
+    while f"version_{n}" in taken:
+        n += 1
+    return root / f"version_{n}"
 
 
 def default_callbacks(configured: list[Any], trainer_config: dict[str, Any]) -> list[Any]:
@@ -166,9 +178,22 @@ def null_arguments(node: Any, key: str) -> list[str]:
     return out
 
 
-def _newest_checkpoint(roots: list[Path]) -> Path | None:
-    found = [p for root in roots if root.is_dir() for p in root.rglob("*.ckpt") if p.is_file()]
-    return max(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt")) if found else None
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    """A parsed config section as ``{dotted key: value}`` (plain values as they are, others as
+    their repr, so a checkpoint can hold them)."""
+    if hasattr(node, "as_dict"):
+        node = node.as_dict()
+    if isinstance(node, dict):
+        out: dict[str, str] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}.{key}"))
+        return out
+    if isinstance(node, list):
+        out = {}
+        for i, value in enumerate(node):
+            out.update(_flat(value, f"{prefix}[{i}]"))
+        return out
+    return {prefix: node if node is None or isinstance(node, (bool, int, float, str)) else repr(node)}
 
 
 class SDOCLI(LightningCLI):
@@ -194,24 +219,53 @@ class SDOCLI(LightningCLI):
         trainer_config = {**(config.get("trainer") or {}), **kwargs}
         configured = trainer_config.get("callbacks") or []
         configured = list(configured) if isinstance(configured, list) else [configured]
+        if trainer_config.get("logger") in (False, None):
+            # without a logger Lightning writes into the root directory itself (config.yaml, results,
+            # checkpoints): give each run a fresh folder there instead, never the working directory's files
+            root = Path(trainer_config.get("default_root_dir") or os.getcwd())
+            kwargs["default_root_dir"] = str(_next_version(root / RUNS_WITHOUT_LOGGER))
         return super().instantiate_trainer(**kwargs, callbacks=configured + default_callbacks(configured, trainer_config))
 
     def before_fit(self) -> None:
+        if hasattr(self.model, "run_config"):  # checkpoints record, and resuming checks, every setting
+            raw = self.config[self.subcommand]
+            self.model.run_config = {**_flat(raw.get("model"), "model"), **_flat(raw.get("data"), "data")}
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last":
             return
+        roots = self._checkpoint_roots()
+        found = sorted({p for root in roots if root.is_dir() for p in root.rglob("*.ckpt") if p.is_file()},
+                       key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)
+        skipped: list[str] = []
+        for path in found:  # the newest readable checkpoint of this run
+            try:
+                saved = read_checkpoint(path).get("sdo_run")
+            except ValueError as err:
+                skipped.append(str(err).split(";")[0])
+                continue
+            diff = self.model.fingerprint_difference(saved) if hasattr(self.model, "fingerprint_difference") else None
+            if diff is None:
+                rank_zero_info(f"Resuming from {path}" + (f" (skipped {len(skipped)} newer: {skipped[0]})" if skipped else ""))
+                config["ckpt_path"] = str(path)
+                return
+            skipped.append(f"{path} is from another run ({diff})")
+        where = ", ".join(map(str, roots))
+        if not found:
+            raise FileNotFoundError(f"--ckpt_path last: no checkpoint (*.ckpt) under {where}; give --ckpt_path PATH, "
+                                    "or drop it to start a new run.")
+        raise FileNotFoundError(f"--ckpt_path last: none of the {len(found)} checkpoints under {where} is of this run "
+                                f"and readable (newest: {skipped[0]}); give --ckpt_path PATH, or drop it to start a new run.")
+
+    def _checkpoint_roots(self) -> list[Path]:
+        """Where ``last`` looks: the checkpoint callbacks' folders and the logger's run folders;
+        without a logger, the run folders ``sdo fit`` made under the root directory (never the
+        whole working directory)."""
         roots = [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
         logger = self.trainer.logger
         root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None)
-        roots.append(Path(root) if root else Path(self.trainer.default_root_dir))
-        newest = _newest_checkpoint(roots)
-        if newest is None:
-            raise FileNotFoundError(
-                f"--ckpt_path last: no checkpoint (*.ckpt) under {', '.join(map(str, roots))}; give --ckpt_path PATH, "
-                "or drop it to start a new run."
-            )
-        rank_zero_info(f"Resuming from {newest}")
-        config["ckpt_path"] = str(newest)
+        # no logger: the run folders under the root directory (this run's is one of them)
+        roots.append(Path(root) if root else Path(self.trainer.default_root_dir).parent)
+        return roots
 
 
 def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:

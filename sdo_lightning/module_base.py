@@ -204,12 +204,15 @@ class OptimizationModule(LightningModule):
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["sdo_run"] = self.run_fingerprint()
 
+    #: the run's model and data settings as flat ``{dotted key: value}`` (set by ``sdo fit``)
+    run_config: dict[str, Any] | None = None
+
     def run_fingerprint(self) -> dict[str, Any]:
         """What a checkpoint must share with this module to be resumed by it: the module, its
-        seed, objective, backbone and solver (a checkpoint of another run would silently continue
-        that run's latents or adapters)."""
+        seed, objective, backbone and solver, and under ``sdo fit`` every model and data setting
+        (a checkpoint of another run would silently continue that run's latents or adapters)."""
         solver = getattr(self, "solver", None)
-        return {
+        out: dict[str, Any] = {
             "module": type(self).__name__,
             "seed": getattr(self, "seed", None),
             "objective": type(getattr(self, "objective", None)).__name__,
@@ -217,6 +220,26 @@ class OptimizationModule(LightningModule):
             "solver": type(solver).__name__,
             "steps": getattr(solver, "num_inference_steps", None),
         }
+        if self.run_config is not None:
+            out["config"] = dict(self.run_config)
+        return out
+
+    def fingerprint_difference(self, saved: dict[str, Any] | None) -> str | None:
+        """How the fingerprint ``saved`` in a checkpoint differs from this module's, in words; None
+        when it matches (or the checkpoint has none). A setting one side does not record is not
+        compared (checkpoints written outside ``sdo fit`` record no config)."""
+        if saved is None:
+            return None
+        mine = self.run_fingerprint()
+        diffs = [f"{k} {saved.get(k)!r} there, {mine[k]!r} here" for k in mine
+                 if k != "config" and k in saved and saved[k] != mine[k]]
+        if "config" in mine and "config" in saved:
+            theirs, ours = saved["config"], mine["config"]
+            keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            diffs += [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in keys[:3]]
+            if len(keys) > 3:
+                diffs.append(f"{len(keys) - 3} more settings")
+        return ", ".join(diffs) or None
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict", {})
@@ -226,9 +249,8 @@ class OptimizationModule(LightningModule):
                 f"the checkpoint holds no state of this {type(self).__name__} (keys like {sorted(state)[:3]}); "
                 "is it from another run or module? Give --ckpt_path the checkpoint of this run."
             )
-        saved, mine = checkpoint.get("sdo_run"), self.run_fingerprint()
-        if saved is not None and saved != mine:
-            diff = ", ".join(f"{k} {saved.get(k)!r} there, {mine[k]!r} here" for k in mine if saved.get(k) != mine[k])
+        diff = self.fingerprint_difference(checkpoint.get("sdo_run"))
+        if diff is not None:
             raise ValueError(
                 f"the checkpoint is from another run ({diff}); give --ckpt_path the checkpoint of this run, "
                 "or start without --ckpt_path."
