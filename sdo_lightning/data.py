@@ -166,6 +166,8 @@ class SampleSet(_DataModule):
             columns["target"] = _per_sample(target, num_samples, null_class)
         if prompt is not None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts:
+                raise ValueError("an empty list of prompts was given; give one prompt or a list to cycle through.")
             columns["prompt"] = [prompts[i % len(prompts)] for i in range(num_samples)]
         if images is not None:
             columns["image"] = _load_images(images, num_samples)

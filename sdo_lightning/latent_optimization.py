@@ -141,6 +141,11 @@ class LatentOptimization(OptimizationModule):
         self.register_buffer("shell_norm", start.flatten(1).norm(dim=1))
         self.variable = nn.Parameter(self.target.initial_variable(start, cond, self))
         images = self._gather_rows(mine, self._generate(mine, grad=False, device=device), n)
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError(
+                f"the unoptimized samples are not finite (NaN or inf): {type(self.backbone).__name__} with "
+                f"{self.solver!r} produces no valid image; check the solver's settings and the model's precision."
+            )
         self.register_buffer("initial_images", images)
         self.register_buffer("best_images", images.clone())
         self.register_buffer("best_loss", torch.full((len(images),), float("inf"), device=device))

@@ -43,6 +43,8 @@ class DDIM(Solver):
         scheduler_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(num_inference_steps, start_timestep, scheduler_kwargs)
+        if not 0.0 <= eta <= 1.0:  # past 1 the step takes the square root of a negative variance
+            raise ValueError(f"DDIM eta must be in [0, 1] (0 deterministic, 1 DDPM-like), got {eta}.")
         self.eta = eta
 
     def step(self, model_output: Tensor, t: Tensor, x: Tensor, state: SolverState) -> Tensor:

@@ -118,3 +118,16 @@ def test_a_gpu_on_a_machine_without_one_is_one_line(tiny_weights, tmp_path, caps
     line = one_line_error(capsys, monkeypatch, ["fit", "--config", QUICKSTART, "--trainer.logger", "false",
                                                 "--trainer.accelerator", "gpu"])
     assert "gpu" in line.lower() or "cuda" in line.lower(), line
+
+
+def test_ddim_eta_outside_zero_one_is_refused():
+    with pytest.raises(ValueError, match=r"eta must be in \[0, 1\]"):
+        DDIM(4, eta=2.5)  # found by tests/test_fuzz_fit.py: NaN samples, a NaN summary
+
+
+def test_a_model_that_samples_nan_is_refused_before_optimizing(tiny_digits_dir, tmp_path, monkeypatch):
+    backbone = DigitsBackbone(tiny_digits_dir)
+    monkeypatch.setattr(backbone, "denoise", lambda x, t, cond: torch.full_like(x, float("nan")))
+    module = LatentOptimization(objective=ClassifierObjective(target_class=3), backbone=backbone, solver=DDIM(2))
+    with pytest.raises(ValueError, match=r"the unoptimized samples are not finite .* DigitsBackbone with DDIM"):
+        fit(module, SampleSet(num_samples=2), tmp_path)
