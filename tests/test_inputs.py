@@ -131,3 +131,10 @@ def test_a_model_that_samples_nan_is_refused_before_optimizing(tiny_digits_dir, 
     module = LatentOptimization(objective=ClassifierObjective(target_class=3), backbone=backbone, solver=DDIM(2))
     with pytest.raises(ValueError, match=r"the unoptimized samples are not finite .* DigitsBackbone with DDIM"):
         fit(module, SampleSet(num_samples=2), tmp_path)
+
+
+def test_a_log_directory_that_is_a_file_is_one_line(tiny_weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("a file where the logs would go")
+    line = one_line_error(capsys, monkeypatch, ["fit", "--config", QUICKSTART, "--trainer.max_steps", "1"])
+    assert "runs" in line, line
