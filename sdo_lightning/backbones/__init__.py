@@ -15,7 +15,8 @@ A third-party model family subclasses :class:`Backbone` (or :class:`TextConditio
 declares it under the entry-point group ``sdo_lightning.backbones``.
 """
 
-from sdo_lightning.backbones.base import Backbone, TextCondition, TextConditionedBackbone
+from sdo_lightning.backbones.base import (Backbone, PooledTextCondition, PooledTextConditionedBackbone, TextCondition,
+                                          TextConditionedBackbone)
 from sdo_lightning.backbones.flux import FluxBackbone
 from sdo_lightning.backbones.pixart import PixArtAlphaBackbone
 from sdo_lightning.backbones.pixel import DigitsBackbone, FlowDigitsBackbone, PixelUNetBackbone
@@ -30,6 +31,8 @@ __all__ = [
     "FluxBackbone",
     "PixArtAlphaBackbone",
     "PixelUNetBackbone",
+    "PooledTextCondition",
+    "PooledTextConditionedBackbone",
     "StableDiffusion3Backbone",
     "StableDiffusionBackbone",
     "StableDiffusionXLBackbone",

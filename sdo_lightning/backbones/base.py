@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import inspect
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -154,8 +154,8 @@ class TextCondition:
     negative_mask: Tensor | None = None
 
     def _map(self, fn: Any) -> "TextCondition":
-        fields = (self.embeds, self.negative_embeds, self.mask, self.negative_mask)
-        return TextCondition(*(None if v is None else fn(v) for v in fields))
+        return type(self)(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                             for f in fields(self)})
 
     def __getitem__(self, index: Tensor) -> "TextCondition":
         return self._map(lambda v: v[index])
@@ -164,9 +164,26 @@ class TextCondition:
         return self._map(lambda v: v.to(device))
 
 
+@dataclass
+class PooledTextCondition(TextCondition):
+    """:class:`TextCondition` plus a pooled prompt embedding ``(B, P)`` (and its negative) that
+    the denoiser reads beside the token sequence (SDXL, SD3, FLUX)."""
+
+    pooled: Tensor | None = None
+    negative_pooled: Tensor | None = None
+
+
+def apply_guidance(out: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance of a batched output ``[unconditional; conditional]``:
+    ``uncond + scale * (cond - uncond)``."""
+    uncond, cond = out.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
 class TextConditionedBackbone(Backbone):
-    """The base of prompt-conditioned backbones: prompts from ``batch["prompt"]``, and the
-    prompt embeddings (:class:`TextCondition`) as the optimizable conditioning."""
+    """The base of prompt-conditioned latent backbones: prompts from ``batch["prompt"]``, the
+    prompt embeddings (:class:`TextCondition`) as the optimizable conditioning, and decoding and
+    encoding with the family's VAE (``self.vae``)."""
 
     def prompts(self, batch: dict[str, Any]) -> list[str]:
         """The batch's prompts, one per sample."""
@@ -181,3 +198,31 @@ class TextConditionedBackbone(Backbone):
 
     def with_embedding(self, cond: TextCondition, embedding: Tensor) -> TextCondition:
         return replace(cond, embeds=embedding)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        from sdo_lightning.backbones.loading import vae_decode
+
+        return vae_decode(self.vae, latents)
+
+    def encode(self, images: Tensor) -> Tensor:
+        from sdo_lightning.backbones.loading import vae_encode
+
+        return vae_encode(self.vae, images)
+
+
+class PooledTextConditionedBackbone(TextConditionedBackbone):
+    """Prompt-conditioned backbones whose condition is a :class:`PooledTextCondition`: the
+    optimizable embedding is each sample's token sequence (flattened) and pooled embedding in
+    one row ``(B, L * D + P)``."""
+
+    def condition_embedding(self, cond: PooledTextCondition) -> Tensor:
+        return torch.cat([cond.embeds.flatten(1), cond.pooled.to(cond.embeds.dtype)], dim=1).detach().clone()
+
+    def with_embedding(self, cond: PooledTextCondition, embedding: Tensor) -> PooledTextCondition:
+        length, dim = cond.embeds.shape[1:]
+        size = length * dim + cond.pooled.shape[1]
+        if embedding.shape[1:] != (size,):
+            raise ValueError(f"the {type(self).__name__} prompt embedding must have shape (B, {size}) (sequence "
+                             f"{length}x{dim} then pooled), got {tuple(embedding.shape)}.")
+        sequence, pooled = embedding.split([length * dim, size - length * dim], dim=1)
+        return replace(cond, embeds=sequence.reshape(-1, length, dim), pooled=pooled)

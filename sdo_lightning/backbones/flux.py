@@ -8,39 +8,14 @@ unpacked, ``(16, H/8, W/8)`` as the VAE makes them, and packs them inside :meth:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sdo_lightning.backbones.base import TextConditionedBackbone, speed_up
-from sdo_lightning.backbones.loading import (load_pipeline, save_pipeline_lora, scheduler_config, vae_decode,
-                                             vae_encode)
-
-
-@dataclass
-class FluxCondition:
-    """The prompt embeddings FLUX reads, and the negative-prompt ones true CFG needs.
-
-    ``embeds`` is T5's token sequence ``(B, L, D)``, ``pooled`` CLIP's pooled embedding ``(B, P)``.
-    """
-
-    embeds: Tensor
-    pooled: Tensor
-    negative_embeds: Tensor | None = None
-    negative_pooled: Tensor | None = None
-
-    def _map(self, fn: Any) -> "FluxCondition":
-        return FluxCondition(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                                for f in fields(self)})
-
-    def __getitem__(self, index: Tensor) -> "FluxCondition":
-        return self._map(lambda v: v[index])
-
-    def to(self, device: torch.device | str) -> "FluxCondition":
-        return self._map(lambda v: v.to(device))
+from sdo_lightning.backbones.base import PooledTextCondition, PooledTextConditionedBackbone, apply_guidance, speed_up
+from sdo_lightning.backbones.loading import (load_pipeline, save_pipeline_lora, scheduler_config)
 
 
 def pack_latents(x: Tensor) -> Tensor:
@@ -64,7 +39,7 @@ def latent_image_ids(rows: int, cols: int, device: torch.device | str, dtype: to
     return ids.to(device=device, dtype=dtype)
 
 
-class FluxBackbone(TextConditionedBackbone):
+class FluxBackbone(PooledTextConditionedBackbone):
     """FLUX.1 (``FluxTransformer2DModel`` + CLIP and T5 text encoders + 16-channel VAE).
 
     Conditioning comes from ``batch["prompt"]`` (a list of strings): T5 encodes it into
@@ -187,24 +162,15 @@ class FluxBackbone(TextConditionedBackbone):
         embeds = self.text_encoder_2(t5.input_ids.to(self.text_encoder_2.device))[0]
         return embeds, pooled
 
-    def encode_condition(self, batch: dict[str, Any]) -> FluxCondition:
+    def encode_condition(self, batch: dict[str, Any]) -> PooledTextCondition:
         prompts = self.prompts(batch)
         embeds, pooled = self._embed(prompts)
         if self.true_cfg_scale <= 1.0:
-            return FluxCondition(embeds, pooled)
+            return PooledTextCondition(embeds, None, pooled=pooled)
         negative, negative_pooled = self._embed([self.negative_prompt] * len(prompts))
-        return FluxCondition(embeds, pooled, negative, negative_pooled)
+        return PooledTextCondition(embeds, negative, pooled=pooled, negative_pooled=negative_pooled)
 
-    def condition_embedding(self, cond: FluxCondition) -> Tensor:
-        """The T5 sequence (flattened) and the pooled CLIP embedding of each sample, in one row."""
-        return torch.cat([cond.embeds.flatten(1), cond.pooled.to(cond.embeds.dtype)], dim=1).detach().clone()
-
-    def with_embedding(self, cond: FluxCondition, embedding: Tensor) -> FluxCondition:
-        length, dim = cond.embeds.shape[1:]
-        sequence, pooled = embedding.split([length * dim, embedding.shape[1] - length * dim], dim=1)
-        return replace(cond, embeds=sequence.reshape(-1, length, dim), pooled=pooled)
-
-    def denoise(self, x: Tensor, t: Tensor, cond: FluxCondition) -> Tensor:
+    def denoise(self, x: Tensor, t: Tensor, cond: PooledTextCondition) -> Tensor:
         """The velocity at ``(x, t)``: ``x`` unpacked ``(B, C, H, W)``, ``t`` = sigma * 1000."""
         height, width = x.shape[-2:]
         dtype = self.transformer.dtype
@@ -228,14 +194,7 @@ class FluxBackbone(TextConditionedBackbone):
         v = unpack_latents(out, height, width).to(x.dtype)
         if not guided:
             return v
-        uncond, text = v.chunk(2)
-        return uncond + self.true_cfg_scale * (text - uncond)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        return vae_decode(self.vae, latents)
-
-    def encode(self, images: Tensor) -> Tensor:
-        return vae_encode(self.vae, images)
+        return apply_guidance(v, self.true_cfg_scale)
 
     def save_lora(self, directory: str | Path) -> Path:
         """Write the transformer adapter in diffusers' FLUX format: ``pipeline.load_lora_weights(directory)``."""

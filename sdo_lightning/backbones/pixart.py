@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, speed_up
+from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, apply_guidance, speed_up
 from sdo_lightning.backbones.loading import (epsilon_half, epsilon_only, load_pipeline, load_t5_tokenizer, offline,
-                                             scheduler_config, vae_decode, vae_encode)
+                                             scheduler_config)
 
 
 class PixArtAlphaBackbone(TextConditionedBackbone):
@@ -133,11 +133,4 @@ class PixArtAlphaBackbone(TextConditionedBackbone):
         out = epsilon_half(out, x.shape[1]).to(x.dtype)
         if not guided:
             return out
-        uncond, text = out.chunk(2)
-        return uncond + self.guidance_scale * (text - uncond)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        return vae_decode(self.vae, latents)
-
-    def encode(self, images: Tensor) -> Tensor:
-        return vae_encode(self.vae, images)
+        return apply_guidance(out, self.guidance_scale)

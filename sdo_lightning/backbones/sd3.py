@@ -3,34 +3,17 @@ sampled as a rectified flow."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, speed_up
-from sdo_lightning.backbones.loading import (load_failed, load_pipeline, offline, save_pipeline_lora, scheduler_config,
-                                             vae_decode, vae_encode)
+from sdo_lightning.backbones.base import PooledTextCondition, PooledTextConditionedBackbone, apply_guidance, speed_up
+from sdo_lightning.backbones.loading import (load_failed, load_pipeline, offline, save_pipeline_lora, scheduler_config)
 
 
-@dataclass
-class SD3Condition(TextCondition):
-    """SD3's prompt conditioning: the token sequence ``embeds`` (B, L, D) the joint attention reads
-    and the ``pooled`` vector (B, P) the timestep embedding adds, each with its negative-prompt
-    counterpart for classifier-free guidance (None without guidance). No masks: SD3 attends to
-    every position, padding included."""
-
-    pooled: Tensor | None = None
-    negative_pooled: Tensor | None = None
-
-    def _map(self, fn: Any) -> "SD3Condition":
-        values = (getattr(self, f.name) for f in fields(self))
-        return SD3Condition(*(None if v is None else fn(v) for v in values))
-
-
-class StableDiffusion3Backbone(TextConditionedBackbone):
+class StableDiffusion3Backbone(PooledTextConditionedBackbone):
     """Stable Diffusion 3 / 3.5 (``SD3Transformer2DModel`` + CLIP-L + CLIP-G + optional T5-XXL + VAE).
 
     Conditioning comes from ``batch["prompt"]`` (a list of strings), encoded as
@@ -172,27 +155,15 @@ class StableDiffusion3Backbone(TextConditionedBackbone):
         clip = nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
 
-    def encode_condition(self, batch: dict[str, Any]) -> SD3Condition:
+    def encode_condition(self, batch: dict[str, Any]) -> PooledTextCondition:
         prompts = self.prompts(batch)
         embeds, pooled = self._embed(prompts)
         negative = negative_pooled = None
         if self.guidance_scale > 1:
             negative, negative_pooled = self._embed([self.negative_prompt] * len(prompts))
-        return SD3Condition(embeds, negative, pooled=pooled, negative_pooled=negative_pooled)
+        return PooledTextCondition(embeds, negative, pooled=pooled, negative_pooled=negative_pooled)
 
-    def condition_embedding(self, cond: SD3Condition) -> Tensor:
-        """The prompt's token sequence and pooled vector as one flat tensor per sample ``(B, L * D + P)``."""
-        return torch.cat([cond.embeds.flatten(1), cond.pooled], dim=1).detach().clone()
-
-    def with_embedding(self, cond: SD3Condition, embedding: Tensor) -> SD3Condition:
-        length, dim = cond.embeds.shape[1:]
-        if embedding.shape[1:] != (length * dim + cond.pooled.shape[1],):
-            raise ValueError(f"the SD3 prompt embedding must have shape (B, {length * dim + cond.pooled.shape[1]}) "
-                             f"(sequence {length}x{dim} then pooled), got {tuple(embedding.shape)}.")
-        embeds = embedding[:, :length * dim].reshape(len(embedding), length, dim)
-        return replace(cond, embeds=embeds, pooled=embedding[:, length * dim:])
-
-    def denoise(self, x: Tensor, t: Tensor, cond: SD3Condition) -> Tensor:
+    def denoise(self, x: Tensor, t: Tensor, cond: PooledTextCondition) -> Tensor:
         dtype = self.transformer.dtype
         model_in, embeds, pooled = x.to(dtype), cond.embeds, cond.pooled
         guided = cond.negative_embeds is not None
@@ -207,14 +178,7 @@ class StableDiffusion3Backbone(TextConditionedBackbone):
                                pooled_projections=pooled.to(dtype), return_dict=False)[0].to(x.dtype)
         if not guided:
             return out
-        uncond, text = out.chunk(2)
-        return uncond + self.guidance_scale * (text - uncond)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        return vae_decode(self.vae, latents)
-
-    def encode(self, images: Tensor) -> Tensor:
-        return vae_encode(self.vae, images)
+        return apply_guidance(out, self.guidance_scale)
 
     def save_lora(self, directory: str | Path) -> Path:
         """Write the transformer adapter in diffusers' SD3 format: ``pipeline.load_lora_weights(directory)``."""

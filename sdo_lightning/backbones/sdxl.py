@@ -4,32 +4,18 @@ text encoders and a VAE."""
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
 from torch import Tensor, nn
 
-from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, speed_up
+from sdo_lightning.backbones.base import PooledTextCondition, PooledTextConditionedBackbone, apply_guidance, speed_up
 from sdo_lightning.backbones.loading import load_pipeline, save_pipeline_lora, vae_decode, vae_encode
 from sdo_lightning.backbones.stable_diffusion import StableDiffusionBackbone
 
 
-@dataclass
-class SDXLCondition(TextCondition):
-    """:class:`TextCondition` plus SDXL's pooled prompt embeddings ``(B, P)`` (from the second
-    text encoder's projection), which enter the UNet with the size micro-conditioning."""
-
-    pooled: Tensor | None = None
-    negative_pooled: Tensor | None = None
-
-    def _map(self, fn: Any) -> "SDXLCondition":
-        values = (getattr(self, f.name) for f in fields(self))
-        return SDXLCondition(*(None if v is None else fn(v) for v in values))
-
-
-class StableDiffusionXLBackbone(TextConditionedBackbone):
+class StableDiffusionXLBackbone(PooledTextConditionedBackbone):
     """Stable Diffusion XL (UNet + two CLIP text encoders + VAE), SDXL-Turbo or an LCM-distilled SDXL UNet.
 
     Conditioning comes from ``batch["prompt"]`` (a list of strings), encoded as
@@ -158,7 +144,7 @@ class StableDiffusionXLBackbone(TextConditionedBackbone):
         dtype = self.text_encoder_2.dtype
         return torch.cat(sequences, dim=-1).to(dtype), pooled.to(dtype)
 
-    def encode_condition(self, batch: dict[str, Any]) -> SDXLCondition:
+    def encode_condition(self, batch: dict[str, Any]) -> PooledTextCondition:
         prompts = self.prompts(batch)
         embeds, pooled = self._embed(prompts)
         negative = negative_pooled = None
@@ -166,17 +152,7 @@ class StableDiffusionXLBackbone(TextConditionedBackbone):
             negative, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
         elif self.guided:
             negative, negative_pooled = self._embed([self.negative_prompt or ""] * len(prompts))
-        return SDXLCondition(embeds, negative, pooled=pooled, negative_pooled=negative_pooled)
-
-    def condition_embedding(self, cond: SDXLCondition) -> Tensor:
-        """Each sample's sequence embedding (flattened) and pooled embedding, in one row."""
-        return torch.cat([cond.embeds.flatten(1), cond.pooled], dim=1).detach().clone()
-
-    def with_embedding(self, cond: SDXLCondition, embedding: Tensor) -> SDXLCondition:
-        n = cond.embeds[0].numel()
-        embeds = embedding[:, :n].reshape(len(embedding), *cond.embeds.shape[1:])
-        return SDXLCondition(embeds, cond.negative_embeds, pooled=embedding[:, n:],
-                             negative_pooled=cond.negative_pooled)
+        return PooledTextCondition(embeds, negative, pooled=pooled, negative_pooled=negative_pooled)
 
     def _time_ids(self, x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
         """SDXL's micro-conditioning of the image ``x`` decodes to: original size, crop top-left,
@@ -184,7 +160,7 @@ class StableDiffusionXLBackbone(TextConditionedBackbone):
         height, width = x.shape[-2] * self.vae_scale, x.shape[-1] * self.vae_scale
         return torch.tensor([height, width, 0, 0, height, width], dtype=dtype, device=x.device).expand(n, 6)
 
-    def denoise(self, x: Tensor, t: Tensor, cond: SDXLCondition) -> Tensor:
+    def denoise(self, x: Tensor, t: Tensor, cond: PooledTextCondition) -> Tensor:
         dtype = self.unet.dtype
         model_in, embeds, pooled = x.to(dtype), cond.embeds, cond.pooled
         guided = cond.negative_embeds is not None
@@ -198,8 +174,7 @@ class StableDiffusionXLBackbone(TextConditionedBackbone):
                         added_cond_kwargs=added).sample.to(x.dtype)
         if not guided:
             return out
-        uncond, text = out.chunk(2)
-        return uncond + self.guidance_scale * (text - uncond)
+        return apply_guidance(out, self.guidance_scale)
 
     def _vae_precision(self, device: torch.device) -> ContextManager:
         """Float16 autocast off around the VAE when its config asks for float32 (force_upcast)."""

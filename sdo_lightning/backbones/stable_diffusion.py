@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, speed_up
-from sdo_lightning.backbones.loading import load_pipeline, save_pipeline_lora, scheduler_config, vae_decode, vae_encode
+from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, apply_guidance, speed_up
+from sdo_lightning.backbones.loading import load_pipeline, save_pipeline_lora, scheduler_config
 
 
 class StableDiffusionBackbone(TextConditionedBackbone):
@@ -115,14 +115,7 @@ class StableDiffusionBackbone(TextConditionedBackbone):
             return self.unet(model_in, t, encoder_hidden_states=cond.embeds.to(dtype)).sample.to(x.dtype)
         both = torch.cat([cond.negative_embeds, cond.embeds]).to(dtype)
         out = self.unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=both).sample.to(x.dtype)
-        uncond, text = out.chunk(2)
-        return uncond + self.guidance_scale * (text - uncond)
-
-    def decode(self, latents: Tensor) -> Tensor:
-        return vae_decode(self.vae, latents)
-
-    def encode(self, images: Tensor) -> Tensor:
-        return vae_encode(self.vae, images)
+        return apply_guidance(out, self.guidance_scale)
 
     def save_lora(self, directory: str | Path) -> Path:
         """Write the UNet adapter in diffusers' format: ``pipeline.load_lora_weights(directory)``."""
