@@ -13,23 +13,26 @@ from sdo_lightning.contracts import Objective
 from sdo_lightning.objectives._inputs import as_rgb, load_state_dict, normalize, prompts_for, resize_longest_pad
 from sdo_lightning.objectives.clip import CLIP_MEAN, CLIP_STD
 
-CHECKPOINT_HOW = ("download HPS_v2_compressed.pt (`hf download xswu/HPSv2 HPS_v2_compressed.pt`) "
-                  "and pass its path as checkpoint")
+CHECKPOINT_HOW = ("download HPS_v2_compressed.pt or HPS_v2.1_compressed.pt (`hf download xswu/HPSv2 "
+                  "HPS_v2.1_compressed.pt`) and pass its path as checkpoint")
 
 
 class HPSv2Score(Objective):
     """Negative HPSv2 score per sample: ``-cos(image embedding, text embedding)`` of the HPS model.
 
     HPSv2 is open_clip's ViT-H-14 with the weights of the HPS checkpoint; the score is the cosine
-    of the normalized image and prompt embeddings (about 0.2-0.35 for typical images). Needs
+    of the normalized image and prompt embeddings (about 0.2-0.35 for typical images). HPSv2.1
+    (``HPS_v2.1_compressed.pt``, the later release) is the same architecture in the same file
+    layout, so either file works: both hold the model's open_clip weights under ``"state_dict"``,
+    as HPSv2's own scorer loads them (a ``module.`` prefix, as DDP training saves, is removed). Needs
     open_clip: ``pip install 'sdo-lightning[hps]'``. Preprocessing is tensor-only and follows
     HPSv2's evaluation transform: grayscale to RGB, bicubic resize of the long side to the model's
     input size, black padding of the short side to a square (nothing is cropped), normalization
     with its mean/std. Prompt embeddings are cached. Logs ``hps`` per sample.
 
     Args:
-        checkpoint: ``HPS_v2_compressed.pt`` (or ``HPS_v2.1_compressed.pt``) from the hub repo
-            ``xswu/HPSv2``.
+        checkpoint: ``HPS_v2_compressed.pt`` (HPSv2) or ``HPS_v2.1_compressed.pt`` (HPSv2.1) from the
+            hub repo ``xswu/HPSv2``.
         prompt: the text to score against; None to read ``batch["prompt"]`` (one string per sample).
         arch: the open_clip architecture the checkpoint belongs to.
     """
@@ -42,6 +45,8 @@ class HPSv2Score(Objective):
             raise ModuleNotFoundError("HPSv2Score needs open_clip; install it with `pip install 'sdo-lightning[hps]'` "
                                       f"and {CHECKPOINT_HOW}.") from None
         state = load_state_dict(checkpoint, "HPSv2 checkpoint", CHECKPOINT_HOW)
+        if state and all(key.startswith("module.") for key in state):  # saved from a DDP-wrapped model
+            state = {key[len("module."):]: value for key, value in state.items()}
         # No pretrained tag: the HPS checkpoint holds every weight of the model.
         self.model = open_clip.create_model(arch, pretrained=None)
         missing = self.model.load_state_dict(state, strict=False).missing_keys
