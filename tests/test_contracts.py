@@ -52,6 +52,9 @@ def _objectives():
                                                                          target_class=2),
         "L2Fidelity": lambda f: o.L2Fidelity(),
         "LPIPSFidelity": lambda f: o.LPIPSFidelity(f["vgg"], f["lin"]),
+        # float64 model: its loss, exp(logit_scale) * cos (14.3 x here), carries float32's batch-size-dependent
+        # rounding (6e-7 on losses near 1) past check_per_sample's rtol 1e-6; CLIPScore's 1 - cos stays inside
+        "PickScore": lambda f: o.PickScore(f["clip"], prompt="a cat").double(),
         "WeightedSum": lambda f: o.WeightedSum([o.L2Fidelity(), o.ClassifierObjective(target_class=3)], [1.0, 0.5]),
     }
 
