@@ -8,6 +8,7 @@ from sdo_lightning.objectives.fidelity import L2Fidelity
 from sdo_lightning.objectives.hps import HPSv2Score
 from sdo_lightning.objectives.image_classifier import ImageClassifierObjective
 from sdo_lightning.objectives.lpips import LPIPSFidelity
+from sdo_lightning.objectives.noise_prior import NoiseNormPrior
 from sdo_lightning.objectives.pickscore import PickScore
 from sdo_lightning.objectives.style import CLIPStyleLoss
 
@@ -20,6 +21,7 @@ __all__ = [
     "ImageClassifierObjective",
     "L2Fidelity",
     "LPIPSFidelity",
+    "NoiseNormPrior",
     "PickScore",
     "WeightedSum",
 ]

@@ -27,10 +27,14 @@ class LatentOptimization(OptimizationModule):
 
     Every training step samples the whole chain with the solver, keeps the autograd graph of
     the network calls the gradient mode chooses, decodes, scores with the objective and takes
-    one optimizer step. Each sample's best image (lowest loss seen) is kept; at the end of fit
-    the :class:`~sdo_lightning.callbacks.LatentResults` callback (added unless the trainer has
-    one) writes the before/after grid ``before_after.png``, the images ``samples.npz``
-    (``before``, ``after``: ``(B, C, H, W)`` in [0, 1]) and ``summary.json`` to the log directory.
+    one optimizer step. The objective sees the data module's batch plus ``initial_images`` (the
+    unoptimized samples) and ``latent``: each trajectory's start latent as the optimized variable
+    makes it, differentiable (what :class:`~sdo_lightning.objectives.NoiseNormPrior` scores; with
+    ``target: embedding`` it is the fixed noise). Each sample's best image (lowest loss seen) is
+    kept; at the end of fit the :class:`~sdo_lightning.callbacks.LatentResults` callback (added
+    unless the trainer has one) writes the before/after grid ``before_after.png``, the images
+    ``samples.npz`` (``before``, ``after``: ``(B, C, H, W)`` in [0, 1]) and ``summary.json`` to the
+    log directory.
 
     With several processes (DDP) the samples are sharded: process ``r`` of ``W`` samples and
     scores samples ``r, r + W, ...`` only. Every process holds the whole (small) variable so
@@ -162,8 +166,9 @@ class LatentOptimization(OptimizationModule):
     def gradient_target(self) -> Target:
         return self.target.gradient_target()
 
-    def _generate(self, index: Tensor, grad: bool, device: torch.device | None = None) -> Tensor:
-        x, cond = self.trajectory_inputs(index)
+    def _generate(self, index: Tensor, grad: bool, device: torch.device | None = None,
+                  inputs: tuple[Tensor, Any] | None = None) -> Tensor:
+        x, cond = self.trajectory_inputs(index) if inputs is None else inputs
         with torch.set_grad_enabled(grad):
             x0 = sample(
                 self.backbone.denoise, self.solver, x, cond,
@@ -173,11 +178,17 @@ class LatentOptimization(OptimizationModule):
             )
             return self.backbone.decode(x0)
 
+    def objective_batch(self, batch: dict[str, Any], index: Tensor, latent: Tensor) -> dict[str, Any]:
+        """What the objectives see for samples ``index``: the data module's ``batch``, the unoptimized
+        samples (``initial_images``) and the trajectories' start latents (``latent``)."""
+        return {**batch, "initial_images": self.initial_images[index], "latent": latent}
+
     # -- training ----------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         index = batch["index"]
-        images = self._generate(index, grad=True)
-        return images, self.objective(images, {**batch, "initial_images": self.initial_images[index]})
+        inputs = self.trajectory_inputs(index)
+        images = self._generate(index, grad=True, inputs=inputs)
+        return images, self.objective(images, self.objective_batch(batch, index, inputs[0]))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         index = batch["index"]
@@ -223,15 +234,21 @@ class LatentOptimization(OptimizationModule):
     @torch.no_grad()
     def summary(self) -> dict[str, Any]:
         """Each objective term before and after (mean over samples; the best image of each sample
-        counts as "after"), and the distance of the results to the unoptimized samples."""
+        counts as "after") and the distance of the results to the unoptimized samples.
+
+        The objectives' ``batch["latent"]`` is, "before", the prepared start latent the unoptimized
+        samples were drawn from and, "after", the start latent the variable makes now, after the last
+        optimizer step (not necessarily the latent of a sample's best image, which "after" scores)."""
         batch = self.trainer.datamodule.full_batch(self.device)
-        batch["initial_images"] = self.initial_images
+        every = torch.arange(len(self.best_images), device=self.variable.device)
+        latents = {"before": self.start_latent, "after": self.trajectory_inputs(every)[0]}
         summary: dict[str, Any] = {}
         # an objective that draws random numbers (augmented copies) scores both with the same draws
         start = progress.global_rng_states()
         for label, images in (("before", self.initial_images), ("after", self.best_images)):
+            scored = self.objective_batch(batch, every, latents[label])
             progress.set_global_rng_states(start)
-            loss = self.objective(images, batch)
+            loss = self.objective(images, scored)
             summary[label] = {"loss": loss.mean().item(), **{k: v.float().mean().item() for k, v in self.objective.terms.items()}}
         diff = (self.best_images - self.initial_images).flatten(1)
         summary["l2_to_unoptimized"] = diff.norm(dim=1).mean().item()

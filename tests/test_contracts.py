@@ -40,6 +40,7 @@ def objective_files(tmp_path_factory, tiny_clip, style_png):
 
 
 def _objectives():
+    from reward_fixtures import LatentFromImages
     from sdo_lightning import objectives as o
 
     return {
@@ -52,6 +53,8 @@ def _objectives():
                                                                          target_class=2),
         "L2Fidelity": lambda f: o.L2Fidelity(),
         "LPIPSFidelity": lambda f: o.LPIPSFidelity(f["vgg"], f["lin"]),
+        # it scores batch["latent"], which this test's batch lacks: the images stand in for the latent
+        "NoiseNormPrior": lambda f: LatentFromImages(o.NoiseNormPrior()),
         # float64 model: its loss, exp(logit_scale) * cos (14.3 x here), carries float32's batch-size-dependent
         # rounding (6e-7 on losses near 1) past check_per_sample's rtol 1e-6; CLIPScore's 1 - cos stays inside
         "PickScore": lambda f: o.PickScore(f["clip"], prompt="a cat").double(),
