@@ -60,6 +60,11 @@ class LatentOptimization(OptimizationModule):
             and of the gradient mode's random draws.
         on_nonfinite: a NaN or infinite loss or gradient ``skip``s the optimizer step with a
             warning, or ``stop``s the fit with an error.
+        held_out_objective: a "gold" objective that is scored but never optimized: logged every
+            step as ``train/held_out`` (its mean loss; computed without gradient, its random draws
+            undone, so it changes nothing of the optimization) and reported in ``summary.json``
+            under ``held_out``, to see reward hacking (the optimized objective improving while
+            this one does not).
     """
 
     def __init__(
@@ -73,11 +78,13 @@ class LatentOptimization(OptimizationModule):
         optimizer: OptimizerCallable | None = None,
         seed: int = 0,
         on_nonfinite: Literal["skip", "stop"] = "skip",
+        held_out_objective: Objective | None = None,
     ) -> None:
         super().__init__(seed, on_nonfinite)
         self.target = as_target(target)
         self.target.check(solver)
         self.objective = objective
+        self.held_out_objective = held_out_objective
         self.backbone = backbone
         self.solver = solver
         self.gradient_mode = gradient_mode
@@ -190,6 +197,19 @@ class LatentOptimization(OptimizationModule):
         images = self._generate(index, grad=True, inputs=inputs)
         return images, self.objective(images, self.objective_batch(batch, index, inputs[0]))
 
+    def held_out_losses(self, images: Tensor, batch: dict[str, Any]) -> Tensor:
+        """The held-out objective's per-sample losses of ``images`` (samples ``batch["index"]``):
+        without gradient, and with the global random generators put back afterwards, so a held-out
+        objective that draws (augmented copies) leaves the optimized objective's draws as they were."""
+        index = batch["index"]
+        states = progress.global_rng_states()
+        try:
+            with torch.no_grad():
+                latent = self.trajectory_inputs(index)[0]
+                return self.held_out_objective(images.detach(), self.objective_batch(batch, index, latent))
+        finally:
+            progress.set_global_rng_states(states)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         index = batch["index"]
         images, losses = self.compute_losses(batch)
@@ -205,6 +225,8 @@ class LatentOptimization(OptimizationModule):
             self.best_loss[better] = all_losses[better]
             self.best_images[better] = all_images[better]
         self.log_terms(losses, self.objective)
+        if self.held_out_objective is not None:
+            self.log("train/held_out", self.held_out_losses(images, batch).mean(), sync_dist=True)
         # Sum, not mean: each sample's gradient is its own loss's gradient, whatever the batch size.
         # Times the number of processes: DDP averages gradients, and each sample lives on one process.
         return losses.sum() * self.world[1]
@@ -228,13 +250,14 @@ class LatentOptimization(OptimizationModule):
         return [LatentResults()]
 
     def is_trainable_key(self, key: str) -> bool:
-        return not key.startswith(("backbone.", "objective."))
+        return not key.startswith(("backbone.", "objective.", "held_out_objective."))
 
     # -- results -----------------------------------------------------------------------------
     @torch.no_grad()
     def summary(self) -> dict[str, Any]:
         """Each objective term before and after (mean over samples; the best image of each sample
-        counts as "after") and the distance of the results to the unoptimized samples.
+        counts as "after"), the held-out objective's mean loss (``held_out``) if there is one, and
+        the distance of the results to the unoptimized samples.
 
         The objectives' ``batch["latent"]`` is, "before", the prepared start latent the unoptimized
         samples were drawn from and, "after", the start latent the variable makes now, after the last
@@ -250,6 +273,9 @@ class LatentOptimization(OptimizationModule):
             progress.set_global_rng_states(start)
             loss = self.objective(images, scored)
             summary[label] = {"loss": loss.mean().item(), **{k: v.float().mean().item() for k, v in self.objective.terms.items()}}
+            if self.held_out_objective is not None:
+                progress.set_global_rng_states(start)
+                summary[label]["held_out"] = self.held_out_objective(images, scored).mean().item()
         diff = (self.best_images - self.initial_images).flatten(1)
         summary["l2_to_unoptimized"] = diff.norm(dim=1).mean().item()
         summary["rms_to_unoptimized"] = diff.pow(2).mean(1).sqrt().mean().item()

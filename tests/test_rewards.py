@@ -1,9 +1,10 @@
-"""The rewards users optimize today: HPSv2.1, PickScore and the chi prior on the noise norm.
+"""The rewards users optimize today: HPSv2.1, PickScore, the chi prior on the noise norm, and a
+held-out ("gold") objective for LatentOptimization.
 
 Reference values come from other code paths: the tiny models' own encoders (open_clip's
 ``encode_image``/``encode_text``, CLIPModel's ``get_image_features``/``get_text_features``),
 CLIPImageProcessor on a real photo, ``scipy.stats.chi.logpdf``, the chi log-density's analytic
-gradient and finite differences.
+gradient, finite differences, and objectives evaluated by hand on the images a fit wrote to disk.
 """
 
 import json
@@ -340,3 +341,63 @@ def test_noise_prior_lowers_the_chi_loss_of_optimized_noise(tiny_digits_dir, tmp
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["before"]["loss"] == pytest.approx(before, rel=1e-5)
     assert summary["after"]["loss"] == pytest.approx(after, rel=1e-5)
+
+
+# -- LatentOptimization: the held-out objective ---------------------------------------------------
+
+class NoisyBrightness(Objective, register=False):
+    """Brightness of randomly reweighted pixels: draws from the global generator, and the draws
+    change its gradient (a held-out objective that shifted them would change the optimization)."""
+
+    def forward(self, images, batch):
+        weights = 1 + torch.rand(images.shape, dtype=images.dtype)
+        return (weights * images).flatten(1).mean(1)
+
+
+def _digit_loss(images, target=3):
+    """ClassifierObjective(target_class=3) by hand: -log softmax(classifier(images))[:, 3]."""
+    from sdo_lightning.digits import WEIGHTS_DIR, DigitClassifier
+
+    classifier = DigitClassifier.from_pretrained(WEIGHTS_DIR / "classifier").eval()
+    with torch.no_grad():
+        return -torch.log_softmax(classifier(images), dim=-1)[:, target]
+
+
+def test_held_out_objective_is_logged_and_reported(tiny_digits_dir, tiny_weights, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sdo_lightning.data import SampleSet
+    from sdo_lightning.objectives import ClassifierObjective
+
+    held_out = ClassifierObjective(target_class=3)
+    module = _module(tiny_digits_dir, RecordingBrightness(), lr=0.3, held_out_objective=held_out)
+    _fit(module, SampleSet(num_samples=3), tmp_path, steps=3, logger=TensorBoardLogger(tmp_path / "runs"))
+    log_dir = tmp_path / "runs" / "lightning_logs" / "version_0"
+    events = EventAccumulator(str(log_dir)).Reload()
+    held = events.Scalars("train/held_out")
+    assert [e.step for e in held] == [0, 1, 2] and all(math.isfinite(e.value) for e in held)
+    summary = json.loads((log_dir / "summary.json").read_text())
+    data = np.load(log_dir / "samples.npz")
+    for label in ("before", "after"):
+        expected = _digit_loss(torch.from_numpy(data[label])).mean().item()
+        assert summary[label]["held_out"] == pytest.approx(expected, rel=1e-6, abs=1e-7), (label, summary)
+    assert summary["before"]["held_out"] != summary["after"]["held_out"]
+    held_keys = [k for k in module.state_dict() if k.startswith("held_out_objective.")]
+    assert held_keys and not any(module.is_trainable_key(k) for k in held_keys)  # not in checkpoints
+
+
+def test_held_out_objective_does_not_change_the_optimization(tiny_digits_dir, tmp_path):
+    """Same seed, with and without a held-out objective that draws from the same global generator
+    as the optimized one: the same variable and best images, bitwise."""
+    from sdo_lightning.data import SampleSet
+
+    runs = []
+    for held_out in (None, NoisyBrightness()):
+        module = _module(tiny_digits_dir, NoisyBrightness(), lr=0.3, held_out_objective=held_out)
+        torch.manual_seed(0)
+        _fit(module, SampleSet(num_samples=2), tmp_path, steps=3)
+        runs.append((module.variable.detach().clone(), module.best_images.clone(), module.best_loss.clone()))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(runs[0][0], module.start_latent)  # it did optimize
