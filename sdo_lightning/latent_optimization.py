@@ -202,13 +202,9 @@ class LatentOptimization(OptimizationModule):
         without gradient, and with the global random generators put back afterwards, so a held-out
         objective that draws (augmented copies) leaves the optimized objective's draws as they were."""
         index = batch["index"]
-        states = progress.global_rng_states()
-        try:
-            with torch.no_grad():
-                latent = self.trajectory_inputs(index)[0]
-                return self.held_out_objective(images.detach(), self.objective_batch(batch, index, latent))
-        finally:
-            progress.set_global_rng_states(states)
+        with progress.global_rng_unchanged(), torch.no_grad():
+            latent = self.trajectory_inputs(index)[0]
+            return self.held_out_objective(images.detach(), self.objective_batch(batch, index, latent))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         index = batch["index"]

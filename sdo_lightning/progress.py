@@ -10,7 +10,8 @@ and a resumed run draws what an uninterrupted one would. The multipliers are pri
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -89,6 +90,17 @@ def global_rng_states() -> dict[str, Any]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+@contextmanager
+def global_rng_unchanged() -> Iterator[None]:
+    """Run a block whose random draws must not shift anyone else's (a held-out objective that
+    augments): the global generators are put back as they were when it ends."""
+    states = global_rng_states()
+    try:
+        yield
+    finally:
+        set_global_rng_states(states)
 
 
 def set_global_rng_states(states: dict[str, Any]) -> None:

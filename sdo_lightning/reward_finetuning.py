@@ -181,7 +181,9 @@ class RewardFineTuning(OptimizationModule):
             if len(flat) > 1:
                 self.log("train/diversity", torch.pdist(flat).mean())  # mean pairwise L2 distance
             if self.held_out_objective is not None:
-                self.log("train/held_out", self.held_out_objective(images.detach(), batch).mean(), sync_dist=True)
+                with progress.global_rng_unchanged():  # its draws must not shift the optimized objective's
+                    held_out = self.held_out_objective(images.detach(), batch).mean()
+                self.log("train/held_out", held_out, sync_dist=True)
         return {"loss": loss, "images": images.detach()}  # the images for SampleImages
 
     def configure_callbacks(self) -> list[Callback]:

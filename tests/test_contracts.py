@@ -40,7 +40,6 @@ def objective_files(tmp_path_factory, tiny_clip, style_png):
 
 
 def _objectives():
-    from reward_fixtures import LatentFromImages
     from sdo_lightning import objectives as o
 
     return {
@@ -54,7 +53,7 @@ def _objectives():
         "L2Fidelity": lambda f: o.L2Fidelity(),
         "LPIPSFidelity": lambda f: o.LPIPSFidelity(f["vgg"], f["lin"]),
         # it scores batch["latent"], which this test's batch lacks: the images stand in for the latent
-        "NoiseNormPrior": lambda f: LatentFromImages(o.NoiseNormPrior()),
+        "NoiseNormPrior": lambda f: o.NoiseNormPrior(),
         # float64 model: its loss, exp(logit_scale) * cos (14.3 x here), carries float32's batch-size-dependent
         # rounding (6e-7 on losses near 1) past check_per_sample's rtol 1e-6; CLIPScore's 1 - cos stays inside
         "PickScore": lambda f: o.PickScore(f["clip"], prompt="a cat").double(),
@@ -83,13 +82,13 @@ def test_objective_contract(name, objective_files, monkeypatch):
     for channels in (1,) if name in GREY_ONLY else (1, 3):
         init = torch.rand(3, channels, 16, 16, generator=torch.Generator().manual_seed(1))
         x = torch.rand(3, channels, 16, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
-        loss = objective(x, {"initial_images": init})
+        loss = objective(x, {"initial_images": init, "latent": x})  # NoiseNormPrior reads the latent
         assert loss.shape == (3,) and torch.isfinite(loss).all()
         (grad,) = torch.autograd.grad(loss.sum(), x)
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
         assert all(v.shape[0] == 3 for v in objective.terms.values())
         # the reference image of a sample is a function of that sample alone (its dimmed mirror image)
-        check_per_sample(lambda y: objective(y, {"initial_images": 0.5 * y.flip(-1)}), x.detach())
+        check_per_sample(lambda y: objective(y, {"initial_images": 0.5 * y.flip(-1), "latent": y}), x.detach())
 
 
 # -- backbones -------------------------------------------------------------------------------

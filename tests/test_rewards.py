@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from objective_fixtures import assert_one_sentence, check_gradient, check_per_sample, rand
-from reward_fixtures import LatentFromImages
 from sdo_lightning import Objective
 from sdo_lightning.objectives import CLIPScore, HPSv2Score, L2Fidelity, NoiseNormPrior, PickScore, WeightedSum
 from sdo_lightning.objectives.clip import CLIP_MEAN, CLIP_STD
@@ -248,8 +247,6 @@ def test_noise_prior_without_a_latent_is_a_clear_error():
     with pytest.raises(KeyError, match=r"batch\['latent'\].*LatentOptimization") as e:
         NoiseNormPrior()(torch.rand(2, 3, 8, 8), {"prompt": "a cat"})
     assert_one_sentence(e)
-    contract = LatentFromImages(NoiseNormPrior())  # what test_contracts.py checks
-    assert contract(torch.rand(2, 1, 8, 8), {}).shape == (2,)
 
 
 # -- LatentOptimization: batch["latent"] ----------------------------------------------------------
