@@ -8,6 +8,7 @@ fourth kind). Defining (importing) a concrete subclass registers it under its cl
 from __future__ import annotations
 
 import abc
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass
@@ -62,6 +63,14 @@ class SolverState:
     generator: torch.Generator | list[torch.Generator] | None = None
 
 
+@functools.cache
+def _options(scheduler_cls: type) -> tuple[frozenset[str], bool]:
+    """The named config options a diffusers scheduler class takes, and whether it also takes
+    ``**kwargs``; read once per class rather than on every trajectory."""
+    params = inspect.signature(scheduler_cls.__init__).parameters
+    return frozenset(params), any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 class Solver(abc.ABC):
     """A numerical solver of the sampling ODE/SDE, wrapping one diffusers scheduler.
 
@@ -108,8 +117,8 @@ class Solver(abc.ABC):
         base = dict(scheduler_config or {})
         # keys of another scheduler class (a pipeline's config handed to this solver's class) are
         # not this one's options: drop them here rather than have diffusers log each one per trajectory
-        accepted = inspect.signature(self.scheduler_cls.__init__).parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        accepted, any_keyword = _options(self.scheduler_cls)
+        if not any_keyword:
             base = {k: v for k, v in base.items() if k in accepted}
         config = {**base, **self.default_overrides, **self.scheduler_kwargs}
         scheduler = self.scheduler_cls.from_config(config)
@@ -121,7 +130,7 @@ class Solver(abc.ABC):
         """Say once when this solver turns off a clamp the model's own config turns on."""
         if self._noted_override:
             return
-        accepted = inspect.signature(self.scheduler_cls.__init__).parameters
+        accepted = _options(self.scheduler_cls)[0]
         keys = [key for key in ("clip_sample", "thresholding")
                 if key in accepted and model_config.get(key) is True and self.default_overrides.get(key) is False
                 and key not in self.scheduler_kwargs]
@@ -140,7 +149,7 @@ class Solver(abc.ABC):
     def _check_skip_path(self, config: Any) -> None:
         if self._warned:
             return
-        accepted = inspect.signature(self.scheduler_cls.__init__).parameters
+        accepted = _options(self.scheduler_cls)[0]
         for key in ("clip_sample", "thresholding"):
             if key in accepted and config.get(key, False):
                 self._warned = True
