@@ -30,7 +30,7 @@ from objective_fixtures import assert_one_sentence, check_gradient, rand
 from sdo_lightning.objectives import CLIPScore
 from sdo_lightning.objectives._inputs import normalize
 from sdo_lightning.objectives.clip import CLIP_MEAN, CLIP_STD, clip_preprocessing
-from tiny_models import build_tiny_clip, build_tiny_tokenizer
+from tiny_models import build_tiny_clip
 
 MEAN_BOUND, P99_BOUND, MAX_BOUND = 0.01, 0.03, 0.25
 TINY_PROCESSOR = dict(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
@@ -82,20 +82,8 @@ def photo_tensor(photo):
 @pytest.fixture(scope="module")
 def clip224(tmp_path_factory):
     """A tiny CLIPModel at CLIP's input size, 224 (7 x 7 patches of 32), without a processor config."""
-    from transformers import CLIPConfig, CLIPModel
-
-    root = tmp_path_factory.mktemp("clip224")
-    torch.manual_seed(0)
-    tokenizer, vocab = build_tiny_tokenizer(root)
-    CLIPModel(CLIPConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-                         vocab_size=vocab, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-                           image_size=224, patch_size=32),
-        projection_dim=8,
-    )).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
+    return build_tiny_clip(tmp_path_factory.mktemp("clip224"), vision_layers=1, text_layers=1, image_size=224,
+                           patch_size=32)
 
 
 @pytest.fixture(scope="module")

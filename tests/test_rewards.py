@@ -20,7 +20,7 @@ from sdo_lightning import Objective
 from sdo_lightning.objectives import CLIPScore, HPSv2Score, L2Fidelity, NoiseNormPrior, PickScore, WeightedSum
 from sdo_lightning.objectives.clip import CLIP_MEAN, CLIP_STD
 from test_clip_preprocessing import assert_close_to_processor, differences, processed
-from tiny_models import build_tiny_clip, build_tiny_tokenizer
+from tiny_models import build_tiny_clip
 from tiny_objective_models import TinyOpenCLIP, install_fake_open_clip, save, tiny_tokenize
 
 LOGIT_SCALE = 3.3  # exp: 27.1, neither CLIP's init (14.3) nor PickScore's (about 100)
@@ -108,19 +108,10 @@ def test_pickscore_preprocesses_with_clipscores_transform_like_the_processor(tmp
     the same pixels as CLIPImageProcessor with a processor config in the legacy int form the
     ViT-H-14 processor the PickScore authors load uses (short side 224, bicubic, crop 224)."""
     from sklearn.datasets import load_sample_image
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPImageProcessor
 
     assert PickScore.preprocess is CLIPScore.preprocess and PickScore.image_embeds is CLIPScore.image_embeds
-    torch.manual_seed(0)
-    tokenizer, vocab = build_tiny_tokenizer(tmp_path)
-    CLIPModel(CLIPConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-                         vocab_size=vocab, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
-                           image_size=224, patch_size=32),
-        projection_dim=8,
-    )).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    build_tiny_clip(tmp_path, vision_layers=1, text_layers=1, image_size=224, patch_size=32)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({
         "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
         "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),

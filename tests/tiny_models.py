@@ -50,17 +50,18 @@ def build_tiny_sd(root: Path, lcm: bool = False, seed: int = 0) -> Path:
     return root
 
 
-def build_tiny_clip(root: Path, seed: int = 0, vision_layers: int = 2) -> Path:
+def build_tiny_clip(root: Path, seed: int = 0, vision_layers: int = 2, text_layers: int = 2, image_size: int = 32,
+                    patch_size: int = 8) -> Path:
     """A tiny random transformers CLIPModel with its tokenizer, saved in ``root``."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
     tokenizer, vocab = build_tiny_tokenizer(root)
     config = CLIPConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+        text_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=text_layers,
                          vocab_size=vocab, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1),
         vision_config=dict(hidden_size=16, intermediate_size=32, num_attention_heads=2,
-                           num_hidden_layers=vision_layers, image_size=32, patch_size=8),
+                           num_hidden_layers=vision_layers, image_size=image_size, patch_size=patch_size),
         projection_dim=8,
     )
     CLIPModel(config).save_pretrained(root)
