@@ -25,6 +25,14 @@ def shard(n: int, rank: int, world_size: int) -> torch.Tensor:
     return torch.arange(rank, n, world_size)
 
 
+def batch_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
+    """The rows ``index`` of every column of ``batch`` (tensors and per-sample lists)."""
+    rows = index.tolist()
+    return {key: value[index.to(value.device)] if isinstance(value, torch.Tensor)
+            else [value[i] for i in rows] if isinstance(value, list) else value
+            for key, value in batch.items()}
+
+
 def _rank_and_world(trainer: Any) -> tuple[int, int]:
     if trainer is None:
         return 0, 1
@@ -179,11 +187,7 @@ class SampleSet(_DataModule):
 
     def shard_batch(self, rank: int = 0, world_size: int = 1, device: torch.device | str | None = None) -> dict[str, Any]:
         """The samples process ``rank`` of ``world_size`` owns (see :func:`shard`), as one batch."""
-        index = shard(self.num_samples, rank, world_size)
-        out = {}
-        for key, value in self.full_batch(device).items():
-            out[key] = value[index.to(value.device)] if isinstance(value, torch.Tensor) else [value[i] for i in index.tolist()]
-        return out
+        return batch_rows(self.full_batch(device), shard(self.num_samples, rank, world_size))
 
     def train_dataloader(self) -> DataLoader:
         # One batch per optimizer step, all in one epoch, so the progress bar counts steps.

@@ -14,7 +14,7 @@ from sdo_lightning import progress
 from sdo_lightning.backbones import Backbone, DigitsBackbone
 from sdo_lightning.callbacks import LatentResults
 from sdo_lightning.contracts import GradientMode, Objective, Solver, Target
-from sdo_lightning.data import shard
+from sdo_lightning.data import batch_rows, shard
 from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
 from sdo_lightning.sampling import sample
@@ -142,7 +142,7 @@ class LatentOptimization(OptimizationModule):
         cond = self.backbone.encode_condition(batch)
         seeds = [progress.latent_noise_seed(self.seed, i) for i in batch["index"].tolist()]
         noise = progress.normal(self.backbone.latent_shape, seeds).to(device)
-        part = self.target.start_latent(noise[mine], _rows(cond, mine), _batch_rows(batch, mine), self)
+        part = self.target.start_latent(noise[mine], _rows(cond, mine), batch_rows(batch, mine), self)
         start = self._gather_rows(mine, part, n)
         self.register_buffer("start_latent", start)
         if isinstance(cond, Tensor):
@@ -281,13 +281,6 @@ class LatentOptimization(OptimizationModule):
 def _rows(cond: Any, index: Tensor) -> Any:
     """The conditioning of samples ``index`` (a tensor, or an indexable condition object)."""
     return cond[index.to(cond.device)] if isinstance(cond, Tensor) else cond[index]
-
-
-def _batch_rows(batch: dict[str, Any], index: Tensor) -> dict[str, Any]:
-    """The rows ``index`` of every column of ``batch`` (tensors and lists)."""
-    rows = index.tolist()
-    return {k: v[index.to(v.device)] if isinstance(v, Tensor) else [v[i] for i in rows] if isinstance(v, list) else v
-            for k, v in batch.items()}
 
 
 def _all_gather(tensor: Tensor) -> Tensor:
