@@ -246,12 +246,16 @@ class GradientPlan:
             (the solver step still uses the latent itself). With several kept calls, the
             gradient then holds each call's own term of Eq. 16 and no cross terms through a
             later kept call's Jacobian.
+        grad_scale: the gradient that flows back through a kept call's network output is
+            multiplied by this (the forward pass is unchanged): ``N / M`` makes SDO's parameter
+            estimator unbiased for Eq. 16 (see :class:`~sdo_lightning.gradient_modes.ShortcutGradient`).
     """
 
     keep: tuple[bool, ...]
     checkpoint: bool = False
     detach_before: int | None = None
     detach_kept_inputs: bool = False
+    grad_scale: float = 1.0
 
     @property
     def num_kept(self) -> int:

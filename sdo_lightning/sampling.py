@@ -113,9 +113,28 @@ def sample(
         network = checkpointed if plan.checkpoint and plan.keep[i] else denoiser
         with torch.set_grad_enabled(plan.keep[i]):      # ONLY the network call
             out = network(model_in, t, cond)
+        if plan.keep[i] and plan.grad_scale != 1.0 and out.requires_grad:
+            out = _scale_gradient(out, plan.grad_scale)
         x_next = solver.step(out, t, x, state)          # outside: stays differentiable
         if callback is not None:
             replaced = callback(Step(i, t, x, out, x_next))
             x_next = x_next if replaced is None else replaced
         x = x_next
     return x
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; multiplies the incoming gradient by ``scale`` in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def _scale_gradient(x: Tensor, scale: float) -> Tensor:
+    return _ScaleGradient.apply(x, scale)

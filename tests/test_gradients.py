@@ -99,6 +99,22 @@ def test_sdo_latent_gradient_ddim_closed_form(denoiser):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("target", [Target.latent(), Target.parameters()], ids=["latent", "parameters"])
+def test_sdo_checkpointing_agrees(target, denoiser):
+    """ShortcutGradient(checkpoint=True) recomputes the kept call in backward: the same gradient
+    (to rounding) as keeping its activations, for the same drawn call."""
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    wrt = [x] if target.kind == "latent" else list(denoiser.parameters())
+    grads = []
+    for checkpoint in (False, True):
+        x0 = sample(lambda x, t, c: denoiser(x, t), DDIM(N), x, gradient_mode=ShortcutGradient(checkpoint=checkpoint),
+                    target=target, plan_generator=torch.Generator().manual_seed(3))
+        grads.append(torch.autograd.grad(objective(x0), wrt))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in grads[0])
+
+
 @pytest.mark.parametrize("name", SOLVERS)
 def test_full_backprop_checkpointing_agrees(name, denoiser):
     make_solver, _, _ = SOLVERS[name]
@@ -187,10 +203,12 @@ def test_sdo_parameter_draws_are_uniform_and_cover_every_call(denoiser):
     assert (counts - 100).abs().max() < 46
 
 
+@pytest.mark.parametrize("scale", ["paper", "unbiased"])
 @pytest.mark.parametrize("name", ["ddim", "dpm2m", "lcm", "flow"])
-def test_sdo_parameter_gradient_expectation_is_eq16(name, denoiser):
+def test_sdo_parameter_gradient_expectation_is_eq16(name, scale, denoiser):
     """N times the mean over all N single-call SDO gradients equals Eq. 16, the sum of per-call
-    stop-gradient terms, computed here in one pass where every call's input is detached."""
+    stop-gradient terms, computed here in one pass where every call's input is detached. With
+    ``scale: unbiased`` the mean itself equals Eq. 16 (each single-call gradient is N times larger)."""
     make_solver, make_scheduler, _ = SOLVERS[name]
     n = make_solver().num_inference_steps
     params = list(denoiser.parameters())
@@ -198,14 +216,15 @@ def test_sdo_parameter_gradient_expectation_is_eq16(name, denoiser):
     per_call = {}
     for seed in itertools.count():
         denoiser.calls.clear()
-        x0 = sample(lambda x, t, c: denoiser(x, t), make_solver(), x, gradient_mode=ShortcutGradient(),
+        x0 = sample(lambda x, t, c: denoiser(x, t), make_solver(), x, gradient_mode=ShortcutGradient(scale=scale),
                     target=Target.parameters(), generator=torch.Generator().manual_seed(2),
                     plan_generator=torch.Generator().manual_seed(seed))
         kept = denoiser.calls.index(True)
         per_call.setdefault(kept, torch.autograd.grad(objective(x0), params))
         if len(per_call) == n:
             break
-    sdo_sum = [n * torch.stack([per_call[i][j] for i in range(n)]).mean(0) for j in range(len(params))]
+    factor = n if scale == "paper" else 1
+    sdo_sum = [factor * torch.stack([per_call[i][j] for i in range(n)]).mean(0) for j in range(len(params))]
 
     scheduler = make_scheduler()
     scheduler.set_timesteps(n)
