@@ -12,7 +12,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEuler
 
 from sdo_lightning import Target, sample
 from sdo_lightning import registry
-from sdo_lightning.gradient_modes import FullBackprop, ShortcutGradient, TruncatedBackprop
+from sdo_lightning.gradient_modes import DRTune, FullBackprop, ShortcutGradient, TruncatedBackprop
 from sdo_lightning.solvers import DDIM, DPMSolverPlusPlus, FlowMatchEuler, LCMMultistep
 
 CONFIG = {"num_train_timesteps": 1000}
@@ -267,6 +267,94 @@ def test_sdo_with_several_kept_calls_is_an_estimator_of_eq16(denoiser):
     eq16 = torch.autograd.grad(objective(xi), params)
     for a, b in zip(estimate, eq16):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def reference_drtune(scheduler, net, x_start, steps, kept, seed=2):
+    """DRTune by hand: kept calls read a detached input, every other call's output is detached."""
+    scheduler.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(seed)
+    x = x_start
+    for i, t in enumerate(scheduler.timesteps):
+        eps = net(x.detach(), t) if i in kept else net(x, t).detach()
+        x = scheduler.step(eps, t, x, generator=gen).prev_sample
+    return x
+
+
+def _drtune_grad(denoiser, make_solver, x, target, wrt, mode, seed=0):
+    denoiser.calls.clear()
+    x0 = sample(lambda x, t, c: denoiser(x, t), make_solver(), x, gradient_mode=mode, target=target,
+                generator=torch.Generator().manual_seed(2), plan_generator=torch.Generator().manual_seed(seed))
+    kept = [i for i, graph in enumerate(denoiser.calls) if graph]
+    return torch.autograd.grad(objective(x0), wrt), kept
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm2m", "flow"])
+def test_drtune_parameter_gradient_equals_reference_loop(name, denoiser):
+    """DRTune(k=2) on 6 calls keeps calls 0 and 3 (offset 0) or s and s + 3 (random offset);
+    its parameter gradient equals a separate loop over the diffusers scheduler that detaches the
+    same calls' inputs and every other call's output."""
+    make_solver, make_scheduler, _ = SOLVERS[name]
+    params = list(denoiser.parameters())
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for mode, seed in ((DRTune(k=2, random_offset=False), 0), (DRTune(k=2), 5)):
+        got, kept = _drtune_grad(denoiser, make_solver, x, Target.parameters(), params, mode, seed)
+        if not mode.random_offset:
+            assert kept == [0, 3]
+        assert len(kept) == 2 and kept[1] - kept[0] == 3
+        expected = torch.autograd.grad(objective(reference_drtune(make_scheduler(), denoiser, x, N, kept)), params)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        assert any(g.abs().sum() > 0 for g in got)
+
+
+def test_drtune_offsets_cover_every_call_and_average_to_eq16(denoiser):
+    """With k=2 of 6 calls the offset takes the values 0, 1, 2; N / K times the mean over the
+    three offsets' gradients equals Eq. 16 (every call's input detached, one separate loop)."""
+    params = list(denoiser.parameters())
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    by_offset = {}
+    for seed in range(200):
+        got, kept = _drtune_grad(denoiser, lambda: DDIM(N), x, Target.parameters(), params, DRTune(k=2), seed)
+        by_offset.setdefault(kept[0], got)
+        if len(by_offset) == 3:
+            break
+    assert sorted(by_offset) == [0, 1, 2]
+    estimate = [N / 2 * torch.stack([g[j] for g in by_offset.values()]).mean(0) for j in range(len(params))]
+    eq16 = torch.autograd.grad(objective(reference_drtune(SOLVERS["ddim"][1](), denoiser, x, N, set(range(N)))), params)
+    for a, b in zip(estimate, eq16):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm2m", "flow"])
+def test_drtune_latent_gradient_is_the_skip_path(name, denoiser):
+    """For a latent, DRTune's gradient is the solver arithmetic alone: a loop with every network
+    output detached gives it; for DDIM it is the closed form prod_i sqrt(abar_prev / abar_t) g,
+    and for the Euler flow step it is g itself (g = dJ/dx_0)."""
+    make_solver, make_scheduler, _ = SOLVERS[name]
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    (got,), kept = _drtune_grad(denoiser, make_solver, x, Target.latent(), [x], DRTune(k=3))
+    assert len(kept) == 3
+    (expected,) = torch.autograd.grad(objective(reference_drtune(make_scheduler(), denoiser, x, N, set())), x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        x0 = reference_drtune(make_scheduler(), denoiser, x, N, set())
+    x0 = x0.detach().requires_grad_()
+    (g,) = torch.autograd.grad(objective(x0), x0)
+    if name == "ddim":
+        abar = torch.cumprod(1 - torch.linspace(0.0001, 0.02, 1000, dtype=torch.float64), 0)
+        ts = [t * (1000 // N) for t in reversed(range(N))]
+        prod = 1.0
+        for t in ts:
+            prev = t - 1000 // N
+            prod *= float(torch.sqrt((abar[prev] if prev >= 0 else 1.0) / abar[t]))
+        torch.testing.assert_close(got, prod * g, rtol=1e-4, atol=1e-6)
+    elif name == "flow":
+        torch.testing.assert_close(got, g, rtol=1e-5, atol=1e-7)
+
+
+def test_drtune_rejects_bad_k():
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        DRTune(k=0)
 
 
 def test_truncated_rejects_unreachable_latent():
