@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -18,6 +19,7 @@ from sdo_lightning.data import batch_rows, shard
 from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
 from sdo_lightning.sampling import sample
+from sdo_lightning.search import SearchMode
 from sdo_lightning.solvers import DDIM
 from sdo_lightning.targets import OptimizationTarget, as_target
 
@@ -47,7 +49,10 @@ class LatentOptimization(OptimizationModule):
         objective: the per-sample loss on decoded images (lower is better).
         backbone: the diffusion model; default: the embedded digits model.
         solver: the sampler; default DDIM with 50 steps.
-        gradient_mode: which network calls keep their graph; default SDO.
+        gradient_mode: which network calls keep their graph; default SDO. A search
+            (:mod:`sdo_lightning.search`: ``BestOfN``, ``ZeroOrder``) instead proposes candidates of
+            the variable every step, scores them without gradient and keeps each sample's best
+            (manual optimization; ``max_steps`` counts search steps).
         target: what is optimized (see :mod:`sdo_lightning.targets`): ``x_T`` (``StartNoise``: the
             starting noise, kept on its norm shell), ``x_t`` (``IntermediateLatent``: the latent at
             ``solver.start_timestep``, reached by sampling without gradient or, with
@@ -83,6 +88,13 @@ class LatentOptimization(OptimizationModule):
         super().__init__(seed, on_nonfinite)
         self.target = as_target(target)
         self.target.check(solver)
+        if isinstance(gradient_mode, SearchMode):
+            gradient_mode.check_target(self.target)
+            # no gradient to step with: the search moves the variable itself (see _search_step)
+            self.automatic_optimization = False
+            # Lightning warns that a manual-optimization checkpoint holds the state after the step;
+            # that is the state a search checkpoint must hold (a resumed run continues from it)
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         self.objective = objective
         self.held_out_objective = held_out_objective
         self.backbone = backbone
@@ -206,7 +218,9 @@ class LatentOptimization(OptimizationModule):
             latent = self.trajectory_inputs(index)[0]
             return self.held_out_objective(images.detach(), self.objective_batch(batch, index, latent))
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        if isinstance(self.gradient_mode, SearchMode):
+            return self._search_step(batch)
         index = batch["index"]
         images, losses = self.compute_losses(batch)
         self.check_losses(losses, len(images))
@@ -226,6 +240,65 @@ class LatentOptimization(OptimizationModule):
         # Sum, not mean: each sample's gradient is its own loss's gradient, whatever the batch size.
         # Times the number of processes: DDP averages gradients, and each sample lives on one process.
         return losses.sum() * self.world[1]
+
+    @torch.no_grad()
+    def _search_step(self, batch: dict[str, Any]) -> None:
+        """One step of a :class:`~sdo_lightning.search.SearchMode`: score its candidates for this
+        process's samples, log the best of them as a gradient step logs its images, count the
+        step on the optimizer (no gradients: it changes nothing) and move each sample to its best
+        candidate if that beats the lowest loss seen (the current point's)."""
+        index = batch["index"]
+        n = len(self.best_loss)
+        rows = index.to(self.best_loss.device)
+        fresh = torch.isinf(self.best_loss[rows])
+        if bool(fresh.any()):
+            # never scored, so still at the start: score the unoptimized samples (images exist already)
+            start_losses = self.objective(self.initial_images[rows], self.objective_batch(batch, index, self.start_latent[rows]))
+            self.check_losses(start_losses, len(rows))
+            scored = torch.where(fresh, start_losses.to(self.best_loss.dtype), self.best_loss[rows])
+            all_start = self._gather_rows(index, scored, n)
+            seen = self._gather_rows(index, torch.ones_like(scored), n) > 0
+            update = seen & torch.isinf(self.best_loss) & torch.isfinite(all_start)
+            self.best_loss[update] = all_start[update]
+
+        best_loss = best_images = best_variable = None
+        best_terms: dict[str, Tensor] = {}
+        for candidate in self.gradient_mode.propose(self.variable[rows].detach(), index, self.global_step, self):
+            inputs = self.target.trajectory_inputs(candidate, self.start_latent[rows], self.start_cond[index], self)
+            images = self._generate(index, grad=False, inputs=inputs)
+            losses = self.objective(images, self.objective_batch(batch, index, inputs[0]))
+            self.check_losses(losses, len(images))
+            # a non-finite candidate is never chosen
+            losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
+            terms = {k: v.detach() for k, v in self.objective.terms.items()}
+            if best_loss is None:
+                best_loss, best_images, best_variable, best_terms = losses, images, candidate, terms
+                continue
+            better = losses < best_loss
+            shape = (-1, *[1] * (images.dim() - 1))
+            best_images = torch.where(better.view(shape), images, best_images)
+            best_variable = torch.where(better.view(-1, *[1] * (candidate.dim() - 1)), candidate, best_variable)
+            best_terms = {k: torch.where(better.view(-1, *[1] * (v.dim() - 1)), v, best_terms[k]) if k in best_terms
+                          else v for k, v in terms.items()}
+            best_loss = torch.where(better, losses, best_loss)
+
+        # the step's best candidates are what this step's network calls made: logged as a gradient
+        # step logs the images it sampled
+        self.log_terms(best_loss, _Terms(best_terms))
+        if self.held_out_objective is not None:
+            self.log("train/held_out", self.held_out_losses(best_images, batch).mean(), sync_dist=True)
+        skipped = self.skipped_steps
+        # counts the step (global_step, max_steps, checkpoints) and runs the non-finite check; with
+        # no gradients the optimizer changes nothing
+        self.optimizers().step()
+        if self.skipped_steps == skipped:
+            all_losses = self._gather_rows(index, best_loss.to(self.best_loss.dtype), n)
+            seen = self._gather_rows(index, torch.ones_like(best_loss, dtype=self.best_loss.dtype), n) > 0
+            better = seen & (all_losses < self.best_loss)
+            self.best_loss[better] = all_losses[better]
+            self.best_images[better] = self._gather_rows(index, best_images.to(self.best_images.dtype), n)[better]
+            self.variable[better] = self._gather_rows(index, best_variable.to(self.variable.dtype), n)[better]
+        self.log("train/best_loss", self.best_loss.mean())
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -276,6 +349,13 @@ class LatentOptimization(OptimizationModule):
         summary["l2_to_unoptimized"] = diff.norm(dim=1).mean().item()
         summary["rms_to_unoptimized"] = diff.pow(2).mean(1).sqrt().mean().item()
         return summary
+
+
+class _Terms:
+    """Stands in for the objective in :meth:`OptimizationModule.log_terms`: the chosen candidates' terms."""
+
+    def __init__(self, terms: dict[str, Tensor]) -> None:
+        self.terms = terms
 
 
 def _rows(cond: Any, index: Tensor) -> Any:

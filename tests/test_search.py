@@ -1,0 +1,190 @@
+"""The gradient-free baselines (BestOfN, ZeroOrder) against reference loops written out by hand."""
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from sdo_lightning import Objective, sample
+from sdo_lightning.backbones import DigitsBackbone
+from sdo_lightning.data import SampleSet
+from sdo_lightning.latent_optimization import LatentOptimization
+from sdo_lightning.search import BestOfN, ZeroOrder, candidate_seed
+from sdo_lightning.solvers import DDIM
+from sdo_lightning.targets import ConditionEmbedding, IntermediateLatent, StartNoise
+
+from test_cli import ROOT
+
+STEPS, SEED = 3, 4
+
+
+class DigitThree(Objective, register=False):
+    """A deterministic non-linear per-sample loss: -log softmax of the tiny classifier, class 3."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, images, batch):
+        return -torch.log_softmax(self.classifier(images), dim=-1)[:, 3]
+
+
+def classifier(tiny_digits_dir):
+    from sdo_lightning.digits import DigitClassifier
+
+    return DigitClassifier.from_pretrained(tiny_digits_dir / "classifier").eval().requires_grad_(False)
+
+
+def module(tiny_digits_dir, mode, **kw):
+    return LatentOptimization(objective=DigitThree(classifier(tiny_digits_dir)), backbone=DigitsBackbone(tiny_digits_dir),
+                              solver=DDIM(3), gradient_mode=mode, seed=SEED, **kw)
+
+
+class BestLosses(Callback):
+    def __init__(self):
+        self.best = []
+
+    def on_train_batch_end(self, trainer, module, *args):
+        self.best.append(module.best_loss.clone())
+
+
+def fit(m, tmp_path, steps=STEPS, n=3, ckpt_path=None, callbacks=(), checkpointing=False):
+    trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=checkpointing,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      callbacks=list(callbacks))
+    trainer.fit(m, datamodule=SampleSet(num_samples=n), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _reference_parts(tiny_digits_dir, n):
+    """A separately loaded model and objective, the start noises and a scorer written out here."""
+    backbone = DigitsBackbone(tiny_digits_dir)
+    objective = DigitThree(classifier(tiny_digits_dir))
+    cond = backbone.encode_condition(SampleSet(num_samples=n).full_batch())
+    # the start noise of sample i: seed * 100003 + i (progress.latent_noise_seed)
+    starts = torch.stack([torch.randn(backbone.latent_shape, generator=torch.Generator().manual_seed(SEED * 100003 + i))
+                          for i in range(n)])
+
+    def score(x):
+        with torch.no_grad():
+            x0 = sample(backbone.denoise, DDIM(3), x, cond, scheduler_config=backbone.scheduler_config)
+            images = backbone.decode(x0)
+            return objective(images, {}), images
+
+    def noise(i, step, c):
+        return torch.randn(backbone.latent_shape, generator=torch.Generator().manual_seed(candidate_seed(SEED, i, step, c)))
+
+    return starts, score, noise
+
+
+def test_best_of_n_keeps_the_argmin_of_hand_drawn_candidates(tiny_digits_dir, tmp_path):
+    n, c = 3, 2
+    m = module(tiny_digits_dir, BestOfN(candidates=c))
+    trainer = fit(m, tmp_path, n=n)
+    assert trainer.global_step == STEPS
+
+    starts, score, noise = _reference_parts(tiny_digits_dir, n)
+    best_loss, best_images = score(starts)
+    best_x = starts.clone()
+    for step in range(STEPS):
+        for k in range(c):
+            x = torch.stack([noise(i, step, k) for i in range(n)])
+            x = x * (starts.flatten(1).norm(dim=1) / x.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)  # the start's shell
+            loss, images = score(x)
+            for i in range(n):
+                if loss[i] < best_loss[i]:
+                    best_loss[i], best_images[i], best_x[i] = loss[i], images[i], x[i]
+    torch.testing.assert_close(m.best_loss, best_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.best_images, best_images, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.variable.detach(), best_x, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(best_x, starts)  # some draw did beat the start
+
+
+def test_zero_order_is_a_hand_written_hill_climb_that_never_gets_worse(tiny_digits_dir, tmp_path):
+    n, c, sigma = 3, 2, 0.5
+    m = module(tiny_digits_dir, ZeroOrder(candidates=c, sigma=sigma), target=StartNoise(project_to_shell=False))
+    record = BestLosses()
+    fit(m, tmp_path, n=n, callbacks=[record])
+
+    starts, score, noise = _reference_parts(tiny_digits_dir, n)
+    current, (current_loss, _) = starts.clone(), score(starts)
+    history = []
+    for step in range(STEPS):
+        proposals = [current + sigma * torch.stack([noise(i, step, k) for i in range(n)]) for k in range(c)]
+        # the best of the step's proposals replaces the current point where it is lower
+        losses = torch.stack([score(x)[0] for x in proposals])
+        pick = losses.argmin(0)
+        for i in range(n):
+            if losses[pick[i], i] < current_loss[i]:
+                current[i], current_loss[i] = proposals[pick[i]][i], losses[pick[i], i]
+        history.append(current_loss.clone())
+    torch.testing.assert_close(m.variable.detach(), current, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack(record.best), torch.stack(history), rtol=1e-5, atol=1e-6)
+    best = torch.stack(record.best)
+    assert (best[1:] <= best[:-1]).all() and (best[-1] < best[0]).any()
+
+
+def test_zero_order_resumed_mid_run_ends_where_an_uninterrupted_run_ends(tiny_digits_dir, tmp_path):
+    straight = module(tiny_digits_dir, ZeroOrder(candidates=2), target=StartNoise())
+    fit(straight, tmp_path / "a", steps=4)
+    first = module(tiny_digits_dir, ZeroOrder(candidates=2), target=StartNoise())
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    fit(first, tmp_path / "b", steps=2, callbacks=[every], checkpointing=True)
+    (path,) = list((tmp_path / "ckpt").glob("*step=2*.ckpt"))
+    resumed = module(tiny_digits_dir, ZeroOrder(candidates=2), target=StartNoise())
+    trainer = fit(resumed, tmp_path / "c", steps=4, ckpt_path=str(path))
+    assert trainer.global_step == 4
+    for name in ("variable", "best_loss", "best_images"):
+        torch.testing.assert_close(getattr(resumed, name).detach(), getattr(straight, name).detach(), rtol=0, atol=0)
+    assert not torch.equal(straight.variable.detach(), straight.start_latent)  # it did move
+
+
+@pytest.mark.parametrize("target", [IntermediateLatent(), ConditionEmbedding(), StartNoise(linf_radius=0.1)],
+                         ids=["x_t", "embedding", "linf"])
+def test_best_of_n_refuses_targets_other_than_the_start_noise(target, tiny_digits_dir):
+    solver = DDIM(3, start_timestep=500) if isinstance(target, IntermediateLatent) else DDIM(3)
+    with pytest.raises(ValueError, match=r"^BestOfN draws fresh start noises, so it needs target StartNoise \(x_T\) "
+                                         r"without linf_radius, got .*; use ZeroOrder to search around another target\.$"):
+        LatentOptimization(objective=DigitThree(classifier(tiny_digits_dir)), backbone=DigitsBackbone(tiny_digits_dir),
+                           solver=solver, gradient_mode=BestOfN(), target=target)
+
+
+@pytest.mark.parametrize("mode", [BestOfN(), ZeroOrder()], ids=["best_of_n", "zero_order"])
+def test_a_search_refuses_reward_fine_tuning(mode, tiny_digits_dir, tmp_path):
+    from sdo_lightning.reward_finetuning import RewardFineTuning
+
+    m = RewardFineTuning(objective=DigitThree(classifier(tiny_digits_dir)), backbone=DigitsBackbone(tiny_digits_dir),
+                         solver=DDIM(2), gradient_mode=mode)
+    name = type(mode).__name__
+    with pytest.raises(ValueError, match=rf"^{name} searches without gradients, so it plans no network graph: use it "
+                                         r"as the gradient_mode of LatentOptimization only \(RewardFineTuning needs "
+                                         r"ShortcutGradient, FullBackprop or TruncatedBackprop\)\.$"):
+        fit(m, tmp_path, steps=1)
+
+
+@pytest.mark.parametrize("bad, match", [(lambda: BestOfN(candidates=0), "BestOfN candidates must be an integer >= 1"),
+                                        (lambda: ZeroOrder(sigma=0.0), "ZeroOrder sigma must be > 0")])
+def test_bad_search_options_are_one_sentence(bad, match):
+    with pytest.raises(ValueError, match=match):
+        bad()
+
+
+def test_sdo_fit_flips_the_quickstart_to_best_of_n(tiny_weights, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sdo_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--model.gradient_mode", "BestOfN",
+                "--model.gradient_mode.candidates", "2", "--trainer.max_steps", "2", "--data.num_samples", "2",
+                "--model.solver.num_inference_steps", "3", "--trainer.enable_progress_bar", "false"])
+    assert type(cli.model.gradient_mode).__name__ == "BestOfN" and cli.trainer.global_step == 2
+    log_dir = next(tmp_path.rglob("summary.json")).parent
+    summary = json.loads((log_dir / "summary.json").read_text())
+    assert {"loss", "held_out"} <= set(summary["after"])
+    events = EventAccumulator(str(log_dir)).Reload()
+    assert {"train/loss", "train/held_out", "train/best_loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/best_loss")] == [0, 1]
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file()
