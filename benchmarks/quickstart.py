@@ -4,7 +4,8 @@
 
 For each gradient mode (and seed) it runs `sdo fit --config configs/quickstart.yaml` in a fresh
 process, times it, and scores the written samples.npz with a judge the optimization never saw:
-a scikit-learn logistic regression on raw pixels, trained on the real digits. It reports the
+:class:`~sdo_lightning.digits.judge.DigitsJudge`, a scikit-learn logistic regression on raw pixels
+trained on the real digits (the configs' held-out objective, never optimized). It reports the
 shipped classifier's mean target-class probability before and after, the share of optimized
 samples the judge calls the target, the mean L2 distance to the unoptimized samples and the
 wall time. Prints a markdown table (or JSON with --json).
@@ -22,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
 
-from sdo_lightning.digits import WEIGHTS_DIR, DigitClassifier, load_digits_images
+from sdo_lightning.digits import WEIGHTS_DIR, DigitClassifier
+from sdo_lightning.digits.judge import DigitsJudge
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,8 +39,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    images, labels = load_digits_images(16)
-    judge = LogisticRegression(max_iter=5000).fit(images.flatten(1).numpy(), labels.numpy())
+    judge = DigitsJudge(image_size=16)
     classifier = DigitClassifier.from_pretrained(WEIGHTS_DIR / "classifier")
     rows = []
     for mode in args.modes:
@@ -56,8 +56,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for key in ("before", "after"):
                 with torch.no_grad():
                     probs = classifier(torch.from_numpy(data[key])).softmax(-1)[:, args.target]
+                    called = judge.probabilities(torch.from_numpy(data[key])).argmax(-1) == args.target
                 row[f"target_prob_{key}"] = round(probs.mean().item(), 3)
-                row[f"judge_target_{key}"] = round(float((judge.predict(data[key].reshape(len(data[key]), -1)) == args.target).mean()), 3)
+                row[f"judge_target_{key}"] = round(called.double().mean().item(), 3)
             row["l2_to_unoptimized"] = round(float(np.linalg.norm((data["after"] - data["before"]).reshape(len(data["after"]), -1), axis=1).mean()), 3)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
