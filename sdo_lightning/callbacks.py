@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdo_lightning import progress
-from sdo_lightning.images import make_grid, save_before_after
+from sdo_lightning.images import make_grid, save_before_after, save_labelled_rows
 from sdo_lightning.module_base import NonFiniteError
 
 
@@ -113,3 +113,79 @@ class SampleImages(Callback):
         if images is None or self._step % self.every_n_steps != 0 or not hasattr(experiment, "add_image"):
             return
         experiment.add_image("samples", make_grid(images[:16].float().cpu()), self._step)
+
+
+class PredictionWriter(Callback):
+    """Write what ``sdo predict`` generated to the log directory: ``predictions.npz`` (``images``
+    and, when sampled, ``base``: ``(N, C, H, W)`` in [0, 1]; ``seed``, ``class_label`` and
+    ``prompt`` per row) and ``predict_grid.png`` (one labelled row per condition, the base model's
+    row of the same seeds below it). Added by the modules unless the trainer has one. Under DDP
+    each process writes its own rows (``predictions_rank<R>.npz``).
+
+    Args:
+        filename: the stem of the files (``<stem>.npz``; the grid is ``predict_grid.png``).
+        nrow: images per grid row.
+    """
+
+    def __init__(self, filename: str = "predictions", nrow: int = 8) -> None:
+        if nrow < 1:
+            raise ValueError(f"nrow must be >= 1, got {nrow}.")
+        self.filename = filename
+        self.nrow = nrow
+        self.outputs: list[dict[str, Any]] = []
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.outputs = []
+
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        if isinstance(outputs, dict) and "images" in outputs:
+            self.outputs.append(outputs)
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.outputs:
+            return
+        import numpy as np
+        import torch
+
+        rows = self.outputs
+        arrays: dict[str, Any] = {"images": torch.cat([r["images"] for r in rows]).numpy(),
+                                  "seed": torch.cat([r["seed"] for r in rows]).numpy()}
+        if all("base" in r for r in rows):
+            arrays["base"] = torch.cat([r["base"] for r in rows]).numpy()
+        if all("class_label" in r for r in rows):
+            arrays["class_label"] = torch.cat([r["class_label"] for r in rows]).numpy()
+        prompts = [p for r in rows for p in r.get("prompt", [])]
+        if len(prompts) == len(arrays["seed"]):
+            arrays["prompt"] = np.array(prompts)
+        log_dir = Path(pl_module.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        npz = log_dir / f"{self.filename}{suffix}.npz"
+        np.savez(npz, **arrays)
+        png = log_dir / f"predict_grid{suffix}.png"
+        save_labelled_rows(self.grid_rows(arrays), png, nrow=self.nrow)
+        self.outputs = []
+        rank_zero_info(f"Predictions: {png}  and  {npz} ({len(arrays['seed'])} images)")
+
+    @staticmethod
+    def grid_rows(arrays: dict[str, Any]) -> list[tuple[str, Any]]:
+        """``(label, images)`` per condition (prompt, else class), in the order first seen; the
+        base model's images of the same seeds follow each as ``... (base)``."""
+        import torch
+
+        if "prompt" in arrays:
+            names = [f"prompt {p!r}" for p in arrays["prompt"].tolist()]
+        elif "class_label" in arrays:
+            names = ["unconditional" if int(c) == 10 else f"class {int(c)}" for c in arrays["class_label"].tolist()]
+        else:
+            names = ["samples"] * len(arrays["seed"])
+        out: list[tuple[str, Any]] = []
+        for name in dict.fromkeys(names):
+            rows = [i for i, n in enumerate(names) if n == name]
+            seeds = arrays["seed"][rows]
+            span = f"seeds {int(seeds.min())}-{int(seeds.max())}" if len(rows) > 1 else f"seed {int(seeds[0])}"
+            out.append((f"{name}, {span}", torch.from_numpy(arrays["images"][rows])))
+            if "base" in arrays:
+                out.append((f"{name}, {span} (base model)", torch.from_numpy(arrays["base"][rows])))
+        return out

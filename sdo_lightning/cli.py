@@ -2,6 +2,8 @@
 
     sdo fit --config configs/quickstart.yaml      # optimize (LightningCLI's fit)
     sdo fit --config ... --ckpt_path last         # resume from the newest checkpoint of the runs
+    sdo validate --config ... --ckpt_path last    # evaluation metrics on the data module's eval rows
+    sdo predict --config ... --ckpt_path last     # images of the eval rows: predict_grid.png, predictions.npz
     sdo fit --help / --print_config               # every option, from the docstrings
     sdo plugins                                   # registered objectives, solvers, gradient modes
     sdo mix --adapters DIR [DIR ...] --scales 0 0.5 1   # sample with LoRA adapters at several scales
@@ -36,15 +38,18 @@ from sdo_lightning.checkpoint_io import read_checkpoint
 VERBOSE_ENV = "SDO_VERBOSE_ERRORS"
 #: Lightning's notes that are expected in every sdo fit, silenced while the command runs: the
 #: frozen backbone and objective networks are in eval mode on purpose, and the data loaders have
-#: no workers, so their iterable datasets' lengths are exact.
-EXPECTED_NOTES = (r".*module\(s\) in eval mode.*", r".*`IterableDataset` has `__len__` defined.*")
+#: no workers, so their iterable datasets' lengths are exact; a fit without an evaluation set
+#: has an empty list of validation loaders.
+EXPECTED_NOTES = (r".*module\(s\) in eval mode.*", r".*`IterableDataset` has `__len__` defined.*",
+                  r".*Total length of `list` across ranks is zero.*")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "max_steps": 50,
     "log_every_n_steps": 1,
     "num_sanity_val_steps": 0,
     "enable_model_summary": False,
-    "logger": lazy_instance(TensorBoardLogger, save_dir="runs"),
+    # no placeholder hp_metric: the modules log their hyperparameters with the final metrics
+    "logger": lazy_instance(TensorBoardLogger, save_dir="runs", default_hp_metric=False),
 }
 #: optimizer steps between the default checkpoints (a killed run loses at most this many)
 CHECKPOINT_EVERY_N_STEPS = 25
@@ -227,6 +232,20 @@ class SDOCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs, callbacks=configured + default_callbacks(configured, trainer_config))
 
     def before_fit(self) -> None:
+        self._prepare(evaluation=False)
+
+    # validate, test and predict read a checkpoint of a fit (``--ckpt_path last`` finds the newest
+    # one of a model with these settings) or start from the model as configured (e.g. an adapter)
+    def before_validate(self) -> None:
+        self._prepare(evaluation=True)
+
+    def before_test(self) -> None:
+        self._prepare(evaluation=True)
+
+    def before_predict(self) -> None:
+        self._prepare(evaluation=True)
+
+    def _prepare(self, evaluation: bool) -> None:
         if hasattr(self.model, "run_config"):  # checkpoints record, and resuming checks, every setting
             raw = self.config[self.subcommand]
             self.model.run_config = {**_flat(raw.get("model"), "model"), **_flat(raw.get("data"), "data")}
@@ -243,9 +262,11 @@ class SDOCLI(LightningCLI):
             except ValueError as err:
                 skipped.append(str(err).split(";")[0])
                 continue
-            diff = self.model.fingerprint_difference(saved) if hasattr(self.model, "fingerprint_difference") else None
+            diff = (self.model.fingerprint_difference(saved, evaluation=evaluation)
+                    if hasattr(self.model, "fingerprint_difference") else None)
             if diff is None:
-                rank_zero_info(f"Resuming from {path}" + (f" (skipped {len(skipped)} newer: {skipped[0]})" if skipped else ""))
+                verb = "Reading" if evaluation else "Resuming from"
+                rank_zero_info(f"{verb} {path}" + (f" (skipped {len(skipped)} newer: {skipped[0]})" if skipped else ""))
                 config["ckpt_path"] = str(path)
                 return
             skipped.append(f"{path} is from another run ({diff})")

@@ -123,13 +123,88 @@ class _Samples(Dataset):
         return {k: v[i] for k, v in self.columns.items()}
 
 
+def eval_columns(num_samples: int, class_label: int | list[int] | None, prompt: str | list[str] | None, seed: int,
+                 null_class: int) -> dict[str, Any] | None:
+    """The evaluation rows: ``index`` (row number), ``seed`` (``seed + index``: the row's starting
+    noise is ``torch.randn`` from a generator seeded with it), ``class_label`` and ``prompt``
+    (cycled over the rows, when given); None for ``num_samples`` 0."""
+    if num_samples < 0:
+        raise ValueError(f"eval_samples must be >= 0 (0: no evaluation set), got {num_samples}.")
+    if seed < 0:
+        raise ValueError(f"eval_seed must be >= 0, got {seed}.")
+    if num_samples == 0:
+        return None
+    index = torch.arange(num_samples)
+    columns: dict[str, Any] = {"index": index, "seed": index + seed,
+                               "class_label": _per_sample(class_label, num_samples, null_class)}
+    if prompt is not None:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("an empty list of evaluation prompts was given; give one prompt or a list to cycle through.")
+        columns["prompt"] = [prompts[i % len(prompts)] for i in range(num_samples)]
+    return columns
+
+
+class _EvalBatches(IterableDataset):
+    """This process's evaluation rows (``rank, rank + world_size, ...``) in batches of ``batch_size``."""
+
+    def __init__(self, columns: dict[str, Any], batch_size: int, rank: int, world_size: int) -> None:
+        self.rows = batch_rows(columns, shard(len(columns["index"]), rank, world_size))
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.rows["index"]) // self.batch_size)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        n = len(self.rows["index"])
+        for start in range(0, n, self.batch_size):
+            yield batch_rows(self.rows, torch.arange(start, min(start + self.batch_size, n)))
+
+
 class _DataModule(LightningDataModule):
-    """Base of the data modules here: subclasses are listed in the CLI's messages by class name."""
+    """Base of the data modules here: subclasses are listed in the CLI's messages by class name.
+
+    Validation, test and predict share one evaluation set of fixed rows (``eval_columns``, set by
+    the subclass): held-out seeds and conditions. Without one, ``fit`` validates nothing and
+    ``sdo validate`` / ``test`` / ``predict`` say how to give one.
+    """
+
+    eval_rows: dict[str, Any] | None = None
+    eval_batch_size: int = 16
 
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if register:
             registry.register("data", cls)
+
+    def _set_eval(self, columns: dict[str, Any] | None, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {batch_size}.")
+        self.eval_rows, self.eval_batch_size = columns, batch_size
+
+    def _eval_loader(self, what: str) -> DataLoader | list:
+        trainer = getattr(self, "trainer", None)
+        if self.eval_rows is None:
+            if what == "val" and trainer is not None and trainer.state.fn == "fit":
+                return []  # fit without an evaluation set: no validation
+            command = {"val": "validate", "test": "test", "predict": "predict"}[what]
+            raise ValueError(f"sdo {command} needs an evaluation set, and {type(self).__name__} has none: set "
+                             "--data.eval_samples N (with --data.eval_class_label / --data.eval_prompts for the "
+                             "conditions and --data.eval_seed for the first seed).")
+        rank, world_size = _rank_and_world(trainer)
+        dataset = _EvalBatches(self.eval_rows, self.eval_batch_size, rank, world_size)
+        # a generator of its own: a DataLoader draws its base seed at every iteration, and from the
+        # global generator that would shift the training's random draws at every validation
+        return DataLoader(dataset, batch_size=None, generator=torch.Generator().manual_seed(0))
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("predict")
 
 
 class SampleSet(_DataModule):
@@ -151,6 +226,15 @@ class SampleSet(_DataModule):
             them with DDIM): ``digits`` for the bundled real digits (the first ``num_samples``,
             16x16), or a ``.npz`` file with an ``images`` array ``(N, C, H, W)`` in [0, 1].
         null_class: the label that means "no class".
+        eval_samples: how many evaluation rows (held-out seeds) validation, test and predict
+            generate; 0 for none (then ``fit`` does not validate).
+        eval_class_label: conditioning class per evaluation row (one class, or a list cycled
+            over the rows); None for the training ``class_label``.
+        eval_prompt: text prompt per evaluation row (one, or a list cycled); None for the
+            training ``prompt``.
+        eval_seed: the first evaluation seed: row ``i`` starts from ``torch.randn`` seeded with
+            ``eval_seed + i`` (never a training draw for the default).
+        eval_batch_size: evaluation rows per batch.
     """
 
     def __init__(
@@ -161,8 +245,18 @@ class SampleSet(_DataModule):
         prompt: str | list[str] | None = None,
         images: str | None = None,
         null_class: int = 10,
+        eval_samples: int = 0,
+        eval_class_label: int | list[int] | None = None,
+        eval_prompt: str | list[str] | None = None,
+        eval_seed: int = 1000,
+        eval_batch_size: int = 16,
     ) -> None:
         super().__init__()
+        self._set_eval(eval_columns(eval_samples, class_label if eval_class_label is None else eval_class_label,
+                                    prompt if eval_prompt is None else eval_prompt, eval_seed, null_class),
+                       eval_batch_size)
+        if self.eval_rows is not None and target is not None:
+            self.eval_rows["target"] = _per_sample(target, eval_samples, null_class)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
         self.num_samples = num_samples
@@ -222,6 +316,13 @@ class PromptSet(_DataModule):
         template: a format string applied to every prompt, e.g. ``"a photo of a {}"``.
         seed: seed of the draws.
         null_class: the class label of every row (for class-conditional backbones).
+        eval_samples: how many evaluation rows (held-out seeds) validation, test and predict
+            generate; 0 for none (then ``fit`` does not validate).
+        eval_prompts: the evaluation prompts, cycled over the rows (the template is applied);
+            None for the training prompts.
+        eval_seed: the first evaluation seed: row ``i`` starts from ``torch.randn`` seeded with
+            ``eval_seed + i``.
+        eval_batch_size: evaluation rows per batch.
     """
 
     def __init__(
@@ -232,6 +333,10 @@ class PromptSet(_DataModule):
         template: str = "{}",
         seed: int = 0,
         null_class: int = 10,
+        eval_samples: int = 0,
+        eval_prompts: list[str] | None = None,
+        eval_seed: int = 1000,
+        eval_batch_size: int = 16,
     ) -> None:
         super().__init__()
         items = list(prompts or [])
@@ -249,6 +354,11 @@ class PromptSet(_DataModule):
             raise ValueError(f"template={template!r} has no '{{}}' where the prompt goes, e.g. 'a photo of a {{}}'.")
         self.prompts = [template.format(p) for p in items]
         self.batch_size = batch_size
+        if eval_prompts is not None and not eval_prompts:
+            raise ValueError("an empty list of evaluation prompts was given; give prompts or leave eval_prompts unset "
+                             "for the training prompts.")
+        held_out = [template.format(p) for p in eval_prompts] if eval_prompts else self.prompts
+        self._set_eval(eval_columns(eval_samples, None, held_out, eval_seed, null_class), eval_batch_size)
         self.seed = seed
         self.null_class = null_class
 

@@ -9,8 +9,9 @@ returns them (no ``base_model.model.`` prefix, since nothing is wrapped).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -134,3 +135,128 @@ class AdapterFolding:
             layer.get_base_layer()._parameters["weight"] = merged if on else base
             layer._disable_adapters = on  # peft's flag; enable_adapters() would also flip requires_grad
         self.folded = on
+
+
+@contextmanager
+def adapters_disabled(network: nn.Module) -> Iterator[None]:
+    """Run a block with every LoRA adapter of ``network`` off: the base model's outputs."""
+    layers = list(lora_layers(network))
+    before = [layer._disable_adapters for layer in layers]
+    for layer in layers:
+        layer._disable_adapters = True  # peft's flag; disable_adapters() would also flip requires_grad
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, before):
+            layer._disable_adapters = flag
+
+
+#: the weight files of the layouts an exported adapter may have: peft's, or diffusers'
+#: ``save_lora_weights`` (``pipeline.load_lora_weights``)
+DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The LoRA weights saved in ``directory`` with peft's key names (no ``base_model.model.``
+    prefix), from peft's layout or from diffusers' (``unet.`` / ``transformer.`` keys, UNet keys
+    in diffusers' ``lora.down`` / ``lora.up`` naming)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter {str(directory)!r} is not a directory; give the lora/ folder a fit wrote "
+                                "(sdo fit writes it to <log dir>/lora).")
+    peft_file, diffusers_file = directory / WEIGHTS_NAME, directory / DIFFUSERS_WEIGHTS_NAME
+    if peft_file.is_file():
+        return load_file(str(peft_file))
+    if not diffusers_file.is_file():
+        raise FileNotFoundError(f"no LoRA adapter in {directory} (expected {WEIGHTS_NAME} with {CONFIG_NAME}, or "
+                                f"{DIFFUSERS_WEIGHTS_NAME}); give the lora/ folder a fit wrote.")
+    state = load_file(str(diffusers_file))
+    prefixes = {key.split(".", 1)[0] for key in state}
+    if len(prefixes) == 1 and prefixes & {"unet", "transformer"}:
+        state = {key.split(".", 1)[1]: value for key, value in state.items()}
+    if any(".lora.down." in key or ".lora.up." in key for key in state):
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        state = convert_unet_state_dict_to_peft(state)
+    return state
+
+
+def load_adapter_weights(network: nn.Module, directory: str | Path, name: str = "default") -> None:
+    """Load the adapter saved in ``directory`` into ``network``'s existing adapter ``name`` (same
+    rank and layers), refusing one whose layers or shapes differ."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    saved = read_adapter_weights(directory)
+    own = get_peft_model_state_dict(network, adapter_name=name)
+    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    shapes = [k for k in set(own) & set(saved) if tuple(own[k].shape) != tuple(saved[k].shape)]
+    if missing or extra or shapes:
+        what = (f"its {tuple(saved[shapes[0]].shape)} {shapes[0]} is {tuple(own[shapes[0]].shape)} here" if shapes else
+                f"it lacks {missing[0]}" if missing else f"it has {extra[0]}, which this model has not")
+        raise ValueError(f"adapter {directory} does not fit this {type(network).__name__} and its LoRA settings "
+                         f"({what}); it was trained on another base model or with another lora_rank / "
+                         "lora_target_modules: use the same backbone and LoRA settings as the fit that wrote it.")
+    set_peft_model_state_dict(network, saved, adapter_name=name)
+    network.requires_grad_(False)
+
+
+def base_signature(network: nn.Module) -> str:
+    """A short fingerprint of ``network``'s base (non-LoRA) weights: a hash of every name and
+    shape, and of the sums of a few tensors to 3 significant digits (equal across fp32/fp16/bf16
+    loads of the same file; different for other weights of the same architecture)."""
+    import hashlib
+
+    params = [(n, p) for n, p in network.named_parameters() if "lora_" not in n]
+    h = hashlib.sha256()
+    for n, p in params:
+        h.update(f"{n}:{tuple(p.shape)};".encode())
+    picks = params[:: max(1, len(params) // 8)][:8]
+    with torch.no_grad():
+        for _, p in picks:
+            h.update(f"{float(p.detach().double().abs().sum()):.3g};".encode())
+    return h.hexdigest()[:16]
+
+
+def write_model_card(directory: str | Path, fields: dict[str, Any], metrics: dict[str, float] | None = None) -> Path:
+    """Write ``README.md`` into an adapter directory: YAML front matter (``fields`` plus
+    ``metrics``, what the Hub's model cards carry) and a short description with a loading example,
+    as diffusers' LoRA training scripts write one."""
+    import yaml
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    front = {"library_name": "sdo-lightning", "tags": ["lora", "sdo-lightning", "reward-fine-tuning"], **fields}
+    if metrics:
+        front["validation"] = {k: round(float(v), 6) for k, v in metrics.items()}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# LoRA of {fields.get('base_model', 'a diffusion model')}", "",
+             f"Fine-tuned with sdo-lightning's RewardFineTuning on the reward `{fields.get('reward')}` for "
+             f"{fields.get('steps')} optimizer steps (gradient mode `{fields.get('gradient_mode')}`, solver "
+             f"`{fields.get('solver')}`, rank {fields.get('lora_rank')}).", ""]
+    if metrics:
+        lines += ["## Validation", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {float(v):.4g} |" for k, v in metrics.items()]
+        lines.append("")
+    lines += ["## Use", "", "```bash", f"sdo predict --config CONFIG --model.adapter {directory.name}", "```", ""]
+    path = directory / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def read_model_card(directory: str | Path) -> dict[str, Any]:
+    """The YAML front matter of ``directory/README.md`` ({} without one)."""
+    import yaml
+
+    path = Path(directory) / "README.md"
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    if not text.startswith("---"):
+        return {}
+    try:
+        front = yaml.safe_load(text.split("---", 2)[1])
+    except yaml.YAMLError:
+        return {}
+    return front if isinstance(front, dict) else {}

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -224,18 +224,28 @@ class OptimizationModule(LightningModule):
             out["config"] = dict(self.run_config)
         return out
 
-    def fingerprint_difference(self, saved: dict[str, Any] | None) -> str | None:
+    #: ``--model`` settings that define the model an evaluation must share with the checkpoint it
+    #: reads (the base weights); other settings (solver, data) may change for validate/predict
+    base_model_settings: tuple[str, ...] = ("model.class_path", "model.init_args.backbone")
+    #: fingerprint entries an evaluation compares (the rest may change for validate/predict)
+    base_model_entries: tuple[str, ...] = ("module", "backbone", "base")
+
+    def fingerprint_difference(self, saved: dict[str, Any] | None, evaluation: bool = False) -> str | None:
         """How the fingerprint ``saved`` in a checkpoint differs from this module's, in words; None
         when it matches (or the checkpoint has none). A setting one side does not record is not
-        compared (checkpoints written outside ``sdo fit`` record no config)."""
+        compared (checkpoints written outside ``sdo fit`` record no config). With ``evaluation``
+        (validate, test, predict) only what defines the model is compared: the module, the base
+        model and :attr:`base_model_settings`."""
         if saved is None:
             return None
         mine = self.run_fingerprint()
         diffs = [f"{k} {saved.get(k)!r} there, {mine[k]!r} here" for k in mine
-                 if k != "config" and k in saved and saved[k] != mine[k]]
+                 if k != "config" and k in saved and saved[k] != mine[k]
+                 and (not evaluation or k in self.base_model_entries)]
         if "config" in mine and "config" in saved:
             theirs, ours = saved["config"], mine["config"]
-            keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+            keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)
+                          and (not evaluation or k.startswith(self.base_model_settings)))
             diffs += [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in keys[:3]]
             if len(keys) > 3:
                 diffs.append(f"{len(keys) - 3} more settings")
@@ -249,13 +259,175 @@ class OptimizationModule(LightningModule):
                 f"the checkpoint holds no state of this {type(self).__name__} (keys like {sorted(state)[:3]}); "
                 "is it from another run or module? Give --ckpt_path the checkpoint of this run."
             )
-        diff = self.fingerprint_difference(checkpoint.get("sdo_run"))
+        evaluation = self._trainer is not None and self.trainer.state.fn not in (None, "fit")
+        diff = self.fingerprint_difference(checkpoint.get("sdo_run"), evaluation=evaluation)
         if diff is not None:
+            if evaluation:
+                raise ValueError(f"the checkpoint is of another model ({diff}); give --ckpt_path a checkpoint of a run "
+                                 "with this backbone and these settings, or use that run's config.")
             raise ValueError(
                 f"the checkpoint is from another run ({diff}); give --ckpt_path the checkpoint of this run, "
                 "or start without --ckpt_path."
             )
+        shapes = {k: v.shape for k, v in self.state_dict().items()}
+        wrong = [k for k, v in state.items() if k in shapes and hasattr(v, "shape") and tuple(v.shape) != tuple(shapes[k])]
+        if wrong:
+            raise ValueError(f"the checkpoint's {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
+                             f"{tuple(shapes[wrong[0]])} here: it is of another base model or other LoRA / variable "
+                             "settings; use the config of the run that wrote it.")
         if "plan_generator_state" in checkpoint:
             self._plan_generator.set_state(checkpoint["plan_generator_state"])
         self._rng_to_restore = checkpoint.get("global_rng_states")
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+
+
+    # -- evaluation: sdo validate / test / predict, and validation during fit ---------------------
+    #: what validation, test and predict compute (a :class:`~sdo_lightning.metrics.Evaluation`);
+    #: None: validation and test log nothing but the reward
+    evaluation: Any = None
+
+    def generate_for_eval(self, batch: dict[str, Any]) -> Tensor:
+        """Images ``(B, C, H, W)`` in [0, 1] for the evaluation rows ``batch`` (``index``, ``seed``,
+        ``class_label``, maybe ``prompt``) with what was optimized, without a graph."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement generate_for_eval, so it cannot validate, "
+                                  "test or predict.")
+
+    def generate_reference(self, batch: dict[str, Any]) -> Tensor | None:
+        """The unoptimized model's images for the same rows and seeds (the fidelity and FID
+        reference); None when there are none. Called once per row: the results are cached."""
+        return None
+
+    def eval_batch(self, batch: dict[str, Any], images: Tensor, reference: Tensor | None) -> dict[str, Any]:
+        """The batch the objectives see at evaluation (``initial_images``: the reference)."""
+        return {**batch, "initial_images": reference} if reference is not None else dict(batch)
+
+    def _eval_metrics(self) -> Any:
+        metrics = getattr(self, "_metrics", None)
+        if metrics is None:
+            from sdo_lightning.metrics import Evaluation, SampleMetrics
+
+            # plain tensors, whichever mode the first evaluation runs in; building networks draws their
+            # initial weights from the global generators, which the training's draws must not see
+            with torch.inference_mode(False), progress.global_rng_unchanged():
+                metrics = self.evaluation.build() if isinstance(self.evaluation, Evaluation) else SampleMetrics()
+            object.__setattr__(self, "_metrics", metrics.to(self.device))  # not a submodule: kept out of checkpoints
+        return metrics
+
+    def reference_images(self, batch: dict[str, Any]) -> Tensor | None:
+        """:meth:`generate_reference` of ``batch``'s rows, each computed once (keyed by its seed and
+        condition) and kept on the CPU."""
+        cache: dict[Any, Tensor] = self.__dict__.setdefault("_reference_cache", {})
+        keys = [(int(s), int(c) if "class_label" in batch else None, p) for s, c, p in zip(
+            batch["seed"].tolist(), batch["class_label"].tolist() if "class_label" in batch else [0] * len(batch["seed"]),
+            batch.get("prompt") or [None] * len(batch["seed"]))]
+        todo = [i for i, key in enumerate(keys) if key not in cache]
+        if todo:
+            from sdo_lightning.data import batch_rows
+
+            with progress.global_rng_unchanged():
+                made = self.generate_reference(batch_rows(batch, torch.tensor(todo)))
+            if made is None:
+                return None
+            for i, image in zip(todo, made.detach().float().cpu()):
+                cache[keys[i]] = image
+        return torch.stack([cache[key] for key in keys]).to(self.device)
+
+    def _evaluate_batch(self, batch: dict[str, Any]) -> Tensor:
+        with progress.global_rng_unchanged():  # validation during fit must not shift the training draws
+            images = self.generate_for_eval(batch)
+            reference = self.reference_images(batch)
+            scored = self.eval_batch(batch, images, reference)
+            losses = self.objective(images, scored)
+            held = getattr(self, "held_out_objective", None)
+            held_out = held(images, scored) if held is not None else None
+        self._eval_metrics().update(images, reference, losses, held_out, batch)
+        grid = self.__dict__.setdefault("_eval_grid", [])
+        limit = self.evaluation.grid_size if self.evaluation is not None else 64
+        if sum(len(g) for g in grid) < limit:
+            grid.append(images.detach().float().cpu())
+            base = self.__dict__.setdefault("_eval_base_grid", [])
+            if reference is not None:
+                base.append(reference.detach().float().cpu())
+        return images
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate_batch(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate_batch(batch)
+
+    def _finish_evaluation(self, prefix: str) -> dict[str, float]:
+        metrics = self._eval_metrics()
+        values = metrics.compute()
+        metrics.reset()
+        shown = {k: v for k, v in values.items() if not k.startswith("class_") or k == "class_entropy"}
+        for name, value in shown.items():
+            self.log(f"{prefix}/{name}", float(value))
+        self.last_eval_metrics = values
+        limit = self.evaluation.grid_size if self.evaluation is not None else 64
+        grid, base = self.__dict__.pop("_eval_grid", []), self.__dict__.pop("_eval_base_grid", [])
+        experiment = getattr(self.logger, "experiment", None) if self._trainer is not None else None
+        if grid and hasattr(experiment, "add_image"):
+            from sdo_lightning.images import make_grid
+
+            # the step Lightning logs this validation's scalars at, so the slider lines up with them
+            step = getattr(self.trainer.fit_loop.epoch_loop, "_batches_that_stepped", self.trainer.global_step) \
+                if self.trainer.state.fn == "fit" else self.trainer.global_step
+            experiment.add_image(f"{prefix}/samples", make_grid(torch.cat(grid)[:limit]), step)
+            if base and not self.__dict__.get(f"_{prefix}_base_logged"):  # the same every time: once
+                experiment.add_image(f"{prefix}/base_samples", make_grid(torch.cat(base)[:limit]), step)
+                self.__dict__[f"_{prefix}_base_logged"] = True
+        if self.global_rank == 0 and self.log_dir is not None and self.trainer.state.fn != "fit":
+            import json
+
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            (self.log_dir / f"{prefix}_metrics.json").write_text(json.dumps(values, indent=2) + "\n")
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        if getattr(self, "_metrics", None) is not None:
+            self._finish_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        if getattr(self, "_metrics", None) is not None:
+            self._finish_evaluation("test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """The images of the evaluation rows (and the unoptimized model's, unless
+        ``evaluation.predict_base`` is off), with the rows' seeds and conditions, for
+        :class:`~sdo_lightning.callbacks.PredictionWriter`."""
+        with progress.global_rng_unchanged():
+            out: dict[str, Any] = {"images": self.generate_for_eval(batch).detach().float().cpu()}
+            if self.evaluation is None or self.evaluation.predict_base:
+                reference = self.reference_images(batch)
+                if reference is not None:
+                    out["base"] = reference.float().cpu()
+        out["seed"] = batch["seed"].cpu()
+        if "class_label" in batch:
+            out["class_label"] = batch["class_label"].cpu()
+        if batch.get("prompt") is not None:
+            out["prompt"] = list(batch["prompt"])
+        return out
+
+    def evaluation_callbacks(self) -> list[Callback]:
+        """The callbacks validation and predict need, unless the trainer has its own:
+        :class:`~sdo_lightning.callbacks.PredictionWriter`."""
+        from sdo_lightning.callbacks import PredictionWriter
+
+        if any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
+            return []
+        return [PredictionWriter()]
+
+    def log_hparams_with_metrics(self, params: dict[str, Any]) -> None:
+        """Put ``params`` in TensorBoard's HParams tab beside the last evaluation's numbers
+        (``hp/<name>``), or the last training loss when nothing was evaluated."""
+        logger = self.logger if self._trainer is not None else None
+        if logger is None or self.global_rank != 0:
+            return
+        values = getattr(self, "last_eval_metrics", None) or {}
+        metrics = {f"hp/{k}": float(v) for k, v in values.items() if not k.startswith("class_") or k == "class_entropy"}
+        loss = self.trainer.callback_metrics.get("train/loss")
+        if loss is not None:
+            metrics["hp/train_loss"] = float(loss)
+        clean = {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items()}
+        logger.log_hyperparams(clean, metrics=metrics or None)

@@ -18,6 +18,7 @@ from sdo_lightning.contracts import GradientMode, Objective, Target
 from sdo_lightning.contracts import Solver
 from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.callbacks import SampleImages
+from sdo_lightning.metrics import Evaluation
 from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
 from sdo_lightning.sampling import sample
 from sdo_lightning.solvers import DDIM
@@ -59,6 +60,12 @@ class RewardFineTuning(OptimizationModule):
         seed: seed of the starting noise and of the gradient mode's draws.
         on_nonfinite: a NaN or infinite loss or gradient ``skip``s the optimizer step with a
             warning, or ``stop``s the fit with an error.
+        evaluation: what validation (during fit: ``trainer.val_check_interval``), ``sdo
+            validate`` / ``sdo test`` and ``sdo predict`` compute on the data module's evaluation
+            rows (``data.eval_samples``): reward, held-out reward, diversity, fidelity (SSIM,
+            PSNR, LPIPS) and FID/KID to the base model's samples of the same seeds, and a grid.
+        adapter: an exported LoRA directory (``<log dir>/lora`` of a fit) to start from, e.g. to
+            predict with it: ``sdo predict --config ... --model.adapter runs/.../lora``.
     """
 
     def __init__(
@@ -78,6 +85,8 @@ class RewardFineTuning(OptimizationModule):
         fold_adapters: bool = True,
         seed: int = 0,
         on_nonfinite: Literal["skip", "stop"] = "skip",
+        evaluation: Evaluation | None = lazy_instance(Evaluation),
+        adapter: str | None = None,
     ) -> None:
         super().__init__(seed, on_nonfinite)
         self.objective = objective
@@ -92,7 +101,33 @@ class RewardFineTuning(OptimizationModule):
         self.seed = seed
         targets = lora_target_modules or backbone.lora_target_modules
         self.lora_params = lora.add_lora(backbone.network, lora_rank, lora_alpha or lora_rank, targets)
+        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha or lora_rank
         self._folding = lora.AdapterFolding(backbone.network) if fold_adapters else None
+        self.evaluation = evaluation
+        self.base_model = lora.base_signature(backbone.network)  # before a Trainer casts the weights
+        self.adapter = adapter
+        if adapter is not None:
+            self.load_adapter(adapter)
+
+    base_model_settings = OptimizationModule.base_model_settings + (
+        "model.init_args.lora_rank", "model.init_args.lora_alpha", "model.init_args.lora_target_modules")
+
+    def run_fingerprint(self) -> dict[str, Any]:
+        return {**super().run_fingerprint(), "base": self.base_model}
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Load an exported adapter (``export_adapter``'s directory) into this module's adapters,
+        refusing one written for another base model (its model card's ``base_model_signature``)
+        or with other LoRA shapes."""
+        card = lora.read_model_card(directory)
+        theirs = card.get("base_model_signature")
+        if theirs is not None and theirs != self.base_model:
+            raise ValueError(f"adapter {directory} was trained on another base model ({card.get('base_model')!r}, "
+                             f"signature {theirs}; this {type(self.backbone).__name__} has {self.base_model}); use "
+                             "the backbone the adapter was trained on.")
+        lora.load_adapter_weights(self.backbone.network, directory)
+        for p in self.lora_params:
+            p.requires_grad_(True)
 
     # -- precision: adapters stay fp32 whatever the Trainer does to the base weights ------------
     def setup(self, stage: str) -> None:
@@ -150,6 +185,40 @@ class RewardFineTuning(OptimizationModule):
             )
             return self.backbone.decode(x0)
 
+    # -- evaluation rows: fixed seeds, no graph ---------------------------------------------------
+    def _eval_sample(self, batch: dict[str, Any], fold: bool) -> Tensor:
+        from sdo_lightning.backbones.base import TextConditionedBackbone
+
+        if isinstance(self.backbone, TextConditionedBackbone) and not batch.get("prompt"):
+            raise ValueError(f"{type(self.backbone).__name__} generates from prompts, and the evaluation rows have none: "
+                             "give --data.eval_prompts (PromptSet) or --data.eval_prompt (SampleSet).")
+        seeds = [int(s) for s in batch["seed"].tolist()]
+        x = progress.normal(self.backbone.latent_shape, seeds).to(self.device)
+        cond = self.backbone.encode_condition(batch)
+        generators = progress.generators([s + 1 for s in seeds], self.device)
+        denoiser = self.backbone.denoise
+        if fold and self._folding is not None:
+            self._folding.refresh()
+            denoiser = self._denoise
+        try:
+            with torch.no_grad():  # no gradient mode, nothing drawn from the plan generator
+                x0 = sample(denoiser, self.solver, x, cond,
+                            generator=generators, scheduler_config=self.backbone.scheduler_config)
+                return self.backbone.decode(x0).float()
+        finally:
+            if self._folding is not None:
+                self._folding.fold(False)
+
+    def generate_for_eval(self, batch: dict[str, Any]) -> Tensor:
+        """Images of the evaluation rows with the fine-tuned adapters: row ``i`` starts from
+        ``torch.randn`` seeded with ``batch["seed"][i]`` (a stochastic solver's noise: that seed + 1)."""
+        return self._eval_sample(batch, fold=True)
+
+    def generate_reference(self, batch: dict[str, Any]) -> Tensor:
+        """The base model's images of the same rows and seeds (adapters off)."""
+        with lora.adapters_disabled(self.backbone.network):
+            return self._eval_sample(batch, fold=False)
+
     def optimized_tensors(self) -> list[Tensor]:
         return list(self.lora_params)
 
@@ -188,9 +257,10 @@ class RewardFineTuning(OptimizationModule):
 
     def configure_callbacks(self) -> list[Callback]:
         # sample grids in TensorBoard every 50 steps, unless the trainer was given its own
+        extra = self.evaluation_callbacks()
         if any(isinstance(cb, SampleImages) for cb in self.trainer.callbacks):
-            return []
-        return [SampleImages(every_n_steps=50)]
+            return extra
+        return [SampleImages(every_n_steps=50), *extra]
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is not None:
@@ -209,6 +279,29 @@ class RewardFineTuning(OptimizationModule):
         path = self.export_adapter()
         if path is not None:
             rank_zero_info(f"LoRA adapter written to {path}")
+        self.log_hparams_with_metrics(self.card_fields())
+
+    def card_fields(self) -> dict[str, Any]:
+        """What the model card and TensorBoard's HParams tab record of this fine-tuning."""
+        solver = self.solver
+        base = type(self.backbone).__name__
+        source = next((v for k, v in sorted((self.run_config or {}).items())
+                       if k.startswith("model.init_args.backbone.init_args.") and k.rsplit(".", 1)[-1] in ("model", "path")
+                       and v is not None), None)
+        return {
+            "base_model": f"{base}({source})" if source else base,
+            "base_model_signature": self.base_model,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "reward": type(self.objective).__name__,
+            "held_out_reward": type(self.held_out_objective).__name__ if self.held_out_objective is not None else None,
+            "steps": int(self.global_step) if self._trainer is not None else 0,
+            "gradient_mode": type(self.gradient_mode).__name__,
+            "solver": type(solver).__name__,
+            "solver_steps": getattr(solver, "num_inference_steps", None),
+            "lr": self.lr,
+            "seed": self.seed,
+        }
 
     def export_adapter(self, directory: str | Path | None = None) -> Path | None:
         """Write the adapter (``<log dir>/lora`` by default) in the backbone's LoRA format.
@@ -224,10 +317,15 @@ class RewardFineTuning(OptimizationModule):
             from torch.distributed.fsdp import FullyShardedDataParallel
 
             with FullyShardedDataParallel.summon_full_params(self.trainer.strategy.model, writeback=False):
-                return self.backbone.save_lora(directory) if self.global_rank == 0 else None
+                return self._save_with_card(directory) if self.global_rank == 0 else None
         if self.global_rank != 0:
             return None
-        return self.backbone.save_lora(directory)
+        return self._save_with_card(directory)
+
+    def _save_with_card(self, directory: str | Path) -> Path:
+        path = self.backbone.save_lora(directory)
+        lora.write_model_card(path, self.card_fields(), getattr(self, "last_eval_metrics", None))
+        return path
 
 
 def _is_fsdp(strategy: Any) -> bool:
