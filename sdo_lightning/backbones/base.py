@@ -55,13 +55,14 @@ class Backbone(nn.Module, abc.ABC):
         a pipeline a notebook holds), without loading anything.
 
         ``options`` are the constructor's arguments that do not concern loading (e.g.
-        ``guidance_scale``); the others keep the constructor's defaults. Families that support it
+        ``guidance_scale``, ``checkpoint_decode``); the others keep the constructor's defaults. Families that support it
         implement ``_adopt(pipe, **options)``, which the constructor calls after loading.
         """
         adopt = getattr(cls, "_adopt", None)
         if adopt is None:
             raise TypeError(f"{cls.__name__} does not support from_pipeline; construct it with a model path.")
         accepted = [n for n in inspect.signature(adopt).parameters if n not in ("self", "pipe")]
+        checkpoint_decode = options.pop("checkpoint_decode", False) if issubclass(cls, TextConditionedBackbone) else False
         unknown = sorted(set(options) - set(accepted))
         if unknown:
             raise TypeError(f"{cls.__name__}.from_pipeline: unknown options {unknown}; accepted: {accepted}.")
@@ -70,6 +71,8 @@ class Backbone(nn.Module, abc.ABC):
         backbone = cls.__new__(cls)
         nn.Module.__init__(backbone)
         backbone._adopt(pipe, **merged)
+        if checkpoint_decode:
+            backbone.checkpoint_decode = True
         return backbone
 
     @property
@@ -119,6 +122,15 @@ class Backbone(nn.Module, abc.ABC):
         from sdo_lightning.lora import save_adapter
 
         return save_adapter(self.network, directory)
+
+
+def row_timesteps(t: Tensor, rows: int) -> Tensor:
+    """``t`` for a network input of ``rows`` rows: a scalar (or one timestep per row) as it is; one
+    timestep per sample of a batch the guidance repeated (``[x; x]``), repeated the same way."""
+    t = torch.as_tensor(t)
+    if t.dim() == 0 or t.numel() in (1, rows):
+        return t
+    return t.reshape(-1).repeat(rows // t.numel())
 
 
 def unit_range(images: Tensor) -> Tensor:
@@ -183,7 +195,15 @@ def apply_guidance(out: Tensor, scale: float) -> Tensor:
 class TextConditionedBackbone(Backbone):
     """The base of prompt-conditioned latent backbones: prompts from ``batch["prompt"]``, the
     prompt embeddings (:class:`TextCondition`) as the optimizable conditioning, and decoding and
-    encoding with the family's VAE (``self.vae``)."""
+    encoding with the family's VAE (``self.vae``).
+
+    Attributes:
+        checkpoint_decode: decode under activation checkpointing when the latents carry a graph:
+            the decoder's activations are recomputed in backward instead of held (every family's
+            ``checkpoint_decode`` option).
+    """
+
+    checkpoint_decode: bool = False
 
     def prompts(self, batch: dict[str, Any]) -> list[str]:
         """The batch's prompts, one per sample."""
@@ -202,6 +222,10 @@ class TextConditionedBackbone(Backbone):
     def decode(self, latents: Tensor) -> Tensor:
         from sdo_lightning.backbones.loading import vae_decode
 
+        if self.checkpoint_decode and torch.is_grad_enabled() and latents.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(vae_decode, self.vae, latents, use_reentrant=False)
         return vae_decode(self.vae, latents)
 
     def encode(self, images: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdo_lightning.backbones.base import Backbone, speed_up, unit_range
+from sdo_lightning.backbones.base import Backbone, row_timesteps, speed_up, unit_range
 from sdo_lightning.backbones.loading import (epsilon_half, epsilon_only, from_subfolder_or_root, load_failed, offline,
                                              scheduler_config)
 
@@ -150,7 +150,7 @@ class PixelUNetBackbone(Backbone):
         null = torch.full((len(x),), self.null_class, dtype=torch.long, device=x.device)
         if cond.is_floating_point():
             null = self.unet.class_embedding(null)
-        both = self.unet(torch.cat([model_in, model_in]), t, class_labels=torch.cat([null, cond])).sample
+        both = self.unet(torch.cat([model_in, model_in]), row_timesteps(t, 2 * len(x)), class_labels=torch.cat([null, cond])).sample
         uncond, cond_out = epsilon_half(both, channels).to(x.dtype).chunk(2)
         return uncond + self.guidance_scale * (cond_out - uncond)
 

@@ -10,8 +10,8 @@ from typing import Any, ContextManager
 import torch
 from torch import Tensor, nn
 
-from sdo_lightning.backbones.base import PooledTextCondition, PooledTextConditionedBackbone, apply_guidance, speed_up
-from sdo_lightning.backbones.loading import load_pipeline, save_pipeline_lora, vae_decode, vae_encode
+from sdo_lightning.backbones.base import PooledTextCondition, PooledTextConditionedBackbone, apply_guidance, row_timesteps, speed_up
+from sdo_lightning.backbones.loading import load_pipeline, save_pipeline_lora, vae_encode
 from sdo_lightning.backbones.stable_diffusion import StableDiffusionBackbone
 
 
@@ -58,6 +58,9 @@ class StableDiffusionXLBackbone(PooledTextConditionedBackbone):
             ``latent-consistency/lcm-lora-sdxl``) fused into the UNet after loading.
         compile: ``torch.compile`` the UNet (True, or the name of a backend).
         channels_last: store the UNet's weights channels-last (faster convolutions on GPUs).
+        checkpoint_decode: recompute the VAE decoder's activations in backward (activation
+            checkpointing): the same gradient, without the decoder's activations held between the
+            forward pass and backward, for one more decoder forward pass.
     """
 
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -76,6 +79,7 @@ class StableDiffusionXLBackbone(PooledTextConditionedBackbone):
         lora: str | None = None,
         compile: bool | str = False,
         channels_last: bool = False,
+        checkpoint_decode: bool = False,
     ) -> None:
         super().__init__()
         from diffusers import StableDiffusionXLPipeline
@@ -84,6 +88,7 @@ class StableDiffusionXLBackbone(PooledTextConditionedBackbone):
                              local_files_only=local_files_only, revision=revision, variant=variant, dtype=dtype, lora=lora,
                              errors=(OSError, ValueError, TypeError), add_watermarker=False)
         self._adopt(pipe, guidance_scale, negative_prompt, height, width, compile, channels_last)
+        self.checkpoint_decode = checkpoint_decode
         self.fused_lora = lora  # e.g. an LCM-LoRA (the solver check reads it)
 
     def _adopt(self, pipe: Any, guidance_scale: float, negative_prompt: str | None, height: int | None,
@@ -170,7 +175,7 @@ class StableDiffusionXLBackbone(PooledTextConditionedBackbone):
             pooled = torch.cat([cond.negative_pooled, pooled])
         added = {"text_embeds": pooled.to(dtype), "time_ids": self._time_ids(x, len(model_in), dtype)}
         timestep_cond = self._guidance_cond(len(x), x.device, dtype) if self.guidance_embedding else None
-        out = self.unet(model_in, t, encoder_hidden_states=embeds.to(dtype), timestep_cond=timestep_cond,
+        out = self.unet(model_in, row_timesteps(t, len(model_in)), encoder_hidden_states=embeds.to(dtype), timestep_cond=timestep_cond,
                         added_cond_kwargs=added).sample.to(x.dtype)
         if not guided:
             return out
@@ -183,8 +188,8 @@ class StableDiffusionXLBackbone(PooledTextConditionedBackbone):
         return torch.autocast(kind, enabled=False) if self.upcast_vae and fp16 else nullcontext()
 
     def decode(self, latents: Tensor) -> Tensor:
-        with self._vae_precision(latents.device):
-            return vae_decode(self.vae, latents)
+        with self._vae_precision(latents.device):  # checkpointing's recomputation keeps this autocast state
+            return super().decode(latents)
 
     def encode(self, images: Tensor) -> Tensor:
         with self._vae_precision(images.device):

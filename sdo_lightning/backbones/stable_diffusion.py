@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, apply_guidance, speed_up
+from sdo_lightning.backbones.base import TextCondition, TextConditionedBackbone, apply_guidance, row_timesteps, speed_up
 from sdo_lightning.backbones.loading import load_pipeline, save_pipeline_lora, scheduler_config
 
 
@@ -31,6 +31,9 @@ class StableDiffusionBackbone(TextConditionedBackbone):
             fused into the UNet after loading.
         compile: ``torch.compile`` the UNet (True, or the name of a backend).
         channels_last: store the UNet's weights channels-last (faster convolutions on GPUs).
+        checkpoint_decode: recompute the VAE decoder's activations in backward (activation
+            checkpointing): the same gradient, without the decoder's activations held between the
+            forward pass and backward, for one more decoder forward pass.
     """
 
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -46,6 +49,7 @@ class StableDiffusionBackbone(TextConditionedBackbone):
         lora: str | None = None,
         compile: bool | str = False,
         channels_last: bool = False,
+        checkpoint_decode: bool = False,
     ) -> None:
         super().__init__()
         from diffusers import StableDiffusionPipeline
@@ -54,6 +58,7 @@ class StableDiffusionBackbone(TextConditionedBackbone):
                              revision=revision, variant=variant, lora=lora, safety_checker=None,
                              requires_safety_checker=False)
         self._adopt(pipe, guidance_scale, negative_prompt, compile, channels_last)
+        self.checkpoint_decode = checkpoint_decode
         self.fused_lora = lora  # e.g. an LCM-LoRA (the solver check reads it)
 
     def _adopt(self, pipe: Any, guidance_scale: float, negative_prompt: str, compile: bool | str,
@@ -114,7 +119,7 @@ class StableDiffusionBackbone(TextConditionedBackbone):
         if cond.negative_embeds is None:
             return self.unet(model_in, t, encoder_hidden_states=cond.embeds.to(dtype)).sample.to(x.dtype)
         both = torch.cat([cond.negative_embeds, cond.embeds]).to(dtype)
-        out = self.unet(torch.cat([model_in, model_in]), t, encoder_hidden_states=both).sample.to(x.dtype)
+        out = self.unet(torch.cat([model_in, model_in]), row_timesteps(t, 2 * len(x)), encoder_hidden_states=both).sample.to(x.dtype)
         return apply_guidance(out, self.guidance_scale)
 
     def save_lora(self, directory: str | Path) -> Path:

@@ -1,0 +1,386 @@
+"""Picard sampling (ParaDiGMS, Shih et al. 2023): the calls that keep no graph, in parallel sweeps.
+
+A first-order solver step is affine in the latent and the network output,
+``x_{i+1} = A_i x_i + B_i u_theta(x_i, t_i)``, so a whole trajectory is the fixed point of
+
+    x_{i+1}^{k+1} = A_i x_i^{k+1} + B_i u_theta(x_i^k, t_i)                          (one sweep)
+
+whose network calls (one per step of a window) are independent: one batched call per sweep. A
+sweep evaluates the network at the guess ``x^k`` over a window of steps ``[begin, end)`` and runs
+the cheap solver arithmetic down the trajectory from ``x_begin`` (which is final). As in
+ParaDiGMS the window then slides to the first latent whose residual is above the tolerance (that
+latent itself is final: it was computed from final inputs), so a sweep advances by at least one
+step and a trajectory takes at most N sweeps.
+
+Notation (ParaDiGMS -> here): ``x_t^k`` ``guess[i]``, the batch window ``p`` ``window``, the
+tolerance ``epsilon`` ``tolerance``, the noise magnitude ``sigma_t^2`` ``variance[i]``. Latent
+``i`` is final when ``||x_i^{k+1} - x_i^k||^2 / D <= tolerance^2 * variance[i]`` for every sample
+of the batch, with ``variance[i]`` the variance DDPM would add at the step that reads latent ``i``
+(the diffusers ParaDiGMS pipeline's ``scheduler._get_variance``; for a rectified flow the same
+posterior variance of its path ``x = (1 - sigma) x_0 + sigma * noise``). That variance is 0 for
+the last latents, which ParaDiGMS therefore computes exactly (one more sweep of one step at the
+end); ``exact_final=False`` holds them to the smallest non-zero variance instead.
+
+Then :func:`~sdo_lightning.sampling.sample`'s loop runs at the converged trajectory: the calls the
+gradient mode keeps are real network calls with their graph, every other call returns its
+converged output as a constant, and the solver chain is the sequential loop's, so the gradient
+flows through the kept call and the skip path exactly as in sequential SDO.
+
+Warm start: an optimizer step changes the trajectory little, so the last converged outputs of the
+same sample, chained by the solver from the new start latent, are a close first guess. A sample
+is recognized by its trajectory generator's seed (``LatentOptimization`` passes one generator
+per sample, seeded per sample); trajectories without per-sample generators start cold.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from sdo_lightning.contracts import Solver, SolverState
+from sdo_lightning.solvers import DDIM, FlowMatchEuler
+
+
+@dataclass
+class PicardStats:
+    """What one Picard trajectory cost.
+
+    Attributes:
+        sweeps: batched network calls of the sweeps (each one sequential round).
+        rounds: sequential rounds of network calls: the sweeps plus the calls with a graph.
+        evaluations: network evaluations, one per sample and step (a sweep of ``k`` steps over
+            ``B`` samples is ``k * B``; classifier-free guidance's doubling not counted).
+        warm: samples that started from a stored trajectory.
+        samples: samples in the batch.
+        steps: network calls of the trajectory.
+    """
+
+    sweeps: int = 0
+    rounds: int = 0
+    evaluations: int = 0
+    warm: int = 0
+    samples: int = 0
+    steps: int = 0
+
+
+class Picard(Solver):
+    """Parallel sampling by Picard iteration (ParaDiGMS) around a first-order solver.
+
+    The no-graph network calls of a trajectory are computed in sweeps, each one batched network
+    call over a window of steps, until every step's residual is within the tolerance; then the
+    gradient mode's kept calls run with their graph at the converged trajectory. Wraps
+    :class:`~sdo_lightning.solvers.DDIM` (``eta=0``) or
+    :class:`~sdo_lightning.solvers.FlowMatchEuler`; the denoiser must accept one timestep per row
+    of its input (every built-in backbone does).
+
+    Args:
+        solver: the wrapped first-order solver; it sets the schedule and the final solver chain.
+        tolerance: ParaDiGMS's tolerance on the per-step residual, relative to the step's noise
+            magnitude (0.1 in the ParaDiGMS pipeline; 0 iterates until the guess no longer changes,
+            which is sequential sampling to float rounding).
+        window: steps per sweep (ParaDiGMS's batch window ``p``); None: the whole trajectory.
+        max_sweeps: after this many sweeps the remaining steps run one per sweep (sequentially),
+            so the result always meets the tolerance; None: no limit (at most N sweeps anyway).
+        warm_start: start a sample from its last converged trajectory (same generator seed).
+        exact_final: compute the latents whose noise magnitude is 0 (the last ones) exactly, as
+            ParaDiGMS does (one more single-step sweep at the end); False holds them to the
+            tolerance at the smallest non-zero noise magnitude.
+        cache_size: trajectories kept for warm starts (least recently used dropped first); each
+            holds N network outputs of one sample, on the latents' device.
+    """
+
+    def __init__(
+        self,
+        solver: Solver,
+        tolerance: float = 0.1,
+        window: int | None = None,
+        max_sweeps: int | None = None,
+        warm_start: bool = True,
+        exact_final: bool = True,
+        cache_size: int = 256,
+    ) -> None:
+        if isinstance(solver, Picard):
+            raise ValueError("Picard wraps a solver, not another Picard; give it DDIM or FlowMatchEuler.")
+        if isinstance(solver, DDIM) and solver.eta > 0:
+            raise ValueError(f"Picard needs a deterministic solver, but DDIM has eta={solver.eta}; set eta: 0.")
+        if not isinstance(solver, (DDIM, FlowMatchEuler)):
+            raise ValueError(
+                f"Picard supports the first-order solvers DDIM (eta=0) and FlowMatchEuler, not {type(solver).__name__} "
+                "(a multistep or stochastic solver's step is not a function of the current latent alone)."
+            )
+        if tolerance < 0:
+            raise ValueError(f"Picard tolerance must be >= 0, got {tolerance}.")
+        if window is not None and window < 1:
+            raise ValueError(f"Picard window must be >= 1 (or None for the whole trajectory), got {window}.")
+        if max_sweeps is not None and max_sweeps < 1:
+            raise ValueError(f"Picard max_sweeps must be >= 1 (or None), got {max_sweeps}.")
+        if cache_size < 0:
+            raise ValueError(f"Picard cache_size must be >= 0, got {cache_size}.")
+        self.solver = solver
+        self.tolerance = tolerance
+        self.window = window
+        self.max_sweeps = max_sweeps
+        self.warm_start = warm_start
+        self.exact_final = exact_final
+        self.cache_size = cache_size
+        #: the cost of the last trajectory, and the sums over all trajectories since construction
+        self.last = PicardStats()
+        self.total = PicardStats()
+        self._cache: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+
+    # -- the wrapped solver's schedule and verbs ----------------------------------------------
+    num_inference_steps = property(lambda self: self.solver.num_inference_steps,
+                                   lambda self, v: setattr(self.solver, "num_inference_steps", v))
+    start_timestep = property(lambda self: self.solver.start_timestep,
+                              lambda self, v: setattr(self.solver, "start_timestep", v))
+    scheduler_kwargs = property(lambda self: self.solver.scheduler_kwargs)
+
+    @property
+    def scheduler_cls(self) -> type:  # type: ignore[override]
+        return self.solver.scheduler_cls
+
+    def __copy__(self) -> "Picard":
+        # a copy whose schedule is changed (a prefix sampler) must not change this one's solver
+        new = object.__new__(Picard)
+        new.__dict__.update(self.__dict__)
+        new.solver = copy.copy(self.solver)
+        return new
+
+    def build_scheduler(self, scheduler_config: dict[str, Any] | None = None) -> Any:
+        return self.solver.build_scheduler(scheduler_config)
+
+    def begin(self, scheduler_config: dict[str, Any] | None = None, device: torch.device | str | None = None,
+              generator: torch.Generator | list[torch.Generator] | None = None) -> SolverState:
+        return self.solver.begin(scheduler_config, device, generator)
+
+    def set_timesteps(self, scheduler: Any, scheduler_config: dict[str, Any], device: torch.device | str | None) -> None:
+        self.solver.set_timesteps(scheduler, scheduler_config, device)
+
+    def scale_model_input(self, x: Tensor, t: Tensor, state: SolverState) -> Tensor:
+        return self.solver.scale_model_input(x, t, state)
+
+    def step(self, model_output: Tensor, t: Tensor, x: Tensor, state: SolverState) -> Tensor:
+        return self.solver.step(model_output, t, x, state)
+
+    def __repr__(self) -> str:
+        return (f"Picard({self.solver!r}, tolerance={self.tolerance}, window={self.window}, "
+                f"max_sweeps={self.max_sweeps}, warm_start={self.warm_start})")
+
+    # -- the sweeps ---------------------------------------------------------------------------
+    def converge(
+        self,
+        denoiser: Callable[[Tensor, Tensor, Any], Tensor],
+        x: Tensor,
+        cond: Any = None,
+        *,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        scheduler_config: dict[str, Any] | None = None,
+        num_calls: int | None = None,
+        progress: bool = False,
+    ) -> tuple[Callable[[Tensor, Tensor, Any], Tensor], Solver]:
+        """Run the sweeps from the start latent ``x``; return ``(denoiser, solver)`` for
+        :func:`~sdo_lightning.sampling.sample`'s loop: the denoiser calls the network where grad
+        mode is on (the calls the gradient mode keeps) and returns the converged output of the
+        call otherwise; the solver is the wrapped one."""
+        state = self.solver.begin(scheduler_config, x.device, generator)
+        n = len(state.timesteps) if num_calls is None else min(num_calls, len(state.timesteps))
+        stats = PicardStats(samples=len(x), steps=n)
+        outputs = self._sweeps(denoiser, x.detach(), cond, state, n, scheduler_config, generator, stats, progress)
+        self.last = stats
+        calls = [0]
+
+        def converged(model_in: Tensor, t: Tensor, c: Any) -> Tensor:
+            i = calls[0]
+            calls[0] += 1
+            if torch.is_grad_enabled():  # a kept call (or its recomputation): the network, with its graph
+                stats.rounds += 1
+                stats.evaluations += len(model_in)
+                self.total.rounds += 1
+                self.total.evaluations += len(model_in)
+                return denoiser(model_in, t, c)
+            return outputs[i]
+
+        return converged, self.solver
+
+    @torch.no_grad()
+    def _sweeps(self, denoiser: Callable, x: Tensor, cond: Any, state: SolverState, n: int,
+                scheduler_config: dict[str, Any] | None, generator: Any, stats: PicardStats,
+                progress: bool = False) -> Tensor:
+        """The converged network outputs ``(n, B, ...)`` of the trajectory from ``x``."""
+        a, b = self._coefficients(scheduler_config, x.device, generator, n)
+        variance = self._variances(state, n)
+        if not self.exact_final:
+            positive = variance[variance > 0]
+            floor = float(positive.min()) if len(positive) else 0.0
+            variance = torch.where(variance > 0, variance, torch.full_like(variance, floor))
+        bound = (self.tolerance ** 2) * variance  # per latent 0..n
+        timesteps = state.timesteps[:n]
+        batch = len(x)
+
+        outputs = x.new_zeros((n, *x.shape))
+        warm = self._recall(outputs, generator, timesteps, batch)
+        stats.warm = int(warm.sum())
+        rows_warm = warm.reshape(batch, *([1] * (x.dim() - 1)))
+
+        def advance(i: int, latent: Tensor) -> Tensor:
+            return (a[i] * latent.float() + b[i] * outputs[i].float()).to(x.dtype)
+
+        guess = x.new_empty((n + 1, *x.shape))
+        guess[0] = x
+        for i in range(n):  # warm samples: the stored outputs chained from the new start; cold: x
+            guess[i + 1] = torch.where(rows_warm, advance(i, guess[i]), x) if stats.warm else x
+
+        window = n if self.window is None else min(self.window, n)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc="Picard sweeps", leave=False)
+        begin = 0
+        while begin < n:
+            width = window if self.max_sweeps is None or stats.sweeps < self.max_sweeps else 1
+            end = min(begin + width, n)
+            k = end - begin
+            model_in = torch.cat([self.solver.scale_model_input(guess[i], timesteps[i], state) for i in range(begin, end)])
+            t_rows = timesteps[begin:end].repeat_interleave(batch)
+            rows = torch.arange(batch, device=x.device).repeat(k)
+            c_rows = None if cond is None else cond[rows.to(cond.device) if isinstance(cond, Tensor) else rows]
+            try:
+                out = denoiser(model_in, t_rows, c_rows)
+            except (RuntimeError, ValueError) as err:
+                if stats.sweeps:
+                    raise
+                raise type(err)(
+                    "Picard calls the denoiser with one timestep per row of x (a window of steps in one batch), "
+                    f"which this denoiser does not accept ({str(err).splitlines()[0][:160]}); use a built-in backbone's "
+                    "denoise or sample sequentially."
+                ) from err
+            outputs[begin:end] = out.reshape(k, *x.shape)
+            stats.sweeps += 1
+            stats.evaluations += k * batch
+
+            first_open = end
+            latent = guess[begin]
+            for i in range(begin, n):
+                nxt = advance(i, latent)
+                if i < end:
+                    if first_open == end:
+                        residual = (nxt.float() - guess[i + 1].float()).pow(2).flatten(1).mean(1)
+                        if bool((residual > bound[i + 1]).any()):
+                            first_open = i + 1  # computed from final inputs: final itself
+                elif stats.warm < batch:  # cold samples wait at the window's end (ParaDiGMS)
+                    nxt = torch.where(rows_warm, nxt, guess[end]) if stats.warm else guess[end].clone()
+                guess[i + 1] = nxt
+                latent = nxt
+            if bar is not None:
+                bar.update(first_open - begin)
+            begin = first_open
+        if bar is not None:
+            bar.close()
+        stats.rounds = stats.sweeps
+        for field in ("sweeps", "rounds", "evaluations", "warm", "samples", "steps"):
+            setattr(self.total, field, getattr(self.total, field) + getattr(stats, field))
+        self._remember(outputs, generator, timesteps, batch)
+        return outputs
+
+    # -- warm start ---------------------------------------------------------------------------
+    def _keys(self, generator: Any, batch: int) -> list[tuple] | None:
+        if not self.warm_start or self.cache_size == 0 or not isinstance(generator, (list, tuple)):
+            return None
+        if len(generator) != batch:
+            return None
+        return [(g.initial_seed(), str(g.device)) for g in generator]
+
+    def _recall(self, outputs: Tensor, generator: Any, timesteps: Tensor, batch: int) -> Tensor:
+        warm = torch.zeros(batch, dtype=torch.bool, device=outputs.device)
+        keys = self._keys(generator, batch)
+        if keys is None:
+            return warm
+        for r, key in enumerate(keys):
+            hit = self._cache.get(key)
+            if hit is None:
+                continue
+            stored_t, stored = hit
+            if stored.shape != outputs[:, r].shape or not torch.equal(stored_t, timesteps.cpu()):
+                continue  # another schedule or shape: start cold
+            outputs[:, r] = stored.to(outputs.device, outputs.dtype)
+            warm[r] = True
+            self._cache.move_to_end(key)
+        return warm
+
+    def _remember(self, outputs: Tensor, generator: Any, timesteps: Tensor, batch: int) -> None:
+        keys = self._keys(generator, batch)
+        if keys is None:
+            return
+        stored_t = timesteps.cpu()
+        for r, key in enumerate(keys):
+            self._cache[key] = (stored_t, outputs[:, r].clone())
+            self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def forget(self) -> None:
+        """Drop every stored trajectory (the next trajectories start cold)."""
+        self._cache.clear()
+
+    # -- the solver's step as coefficients, and the noise magnitudes ---------------------------
+    def _coefficients(self, scheduler_config: dict[str, Any] | None, device: torch.device, generator: Any,
+                      n: int) -> tuple[list[float], list[float]]:
+        """``A_i, B_i`` of ``step(u, t_i, x) = A_i x + B_i u``, read off the wrapped solver's own step
+        on probe values in a fresh trajectory (so the schedule is exactly the solver's)."""
+        state = self.solver.begin(scheduler_config, device, generator)
+        probe_x = torch.tensor([1.0, 0.0, 0.0, 2.0], dtype=torch.float64, device=device)
+        probe_u = torch.tensor([0.0, 1.0, 0.0, 3.0], dtype=torch.float64, device=device)
+        a, b = [], []
+        for t in state.timesteps[:n]:
+            ai, bi, zero, mix = self.solver.step(probe_u, t, probe_x, state).double().tolist()
+            if abs(zero) > 1e-9 or abs(mix - (2 * ai + 3 * bi)) > 1e-6 * (1 + abs(mix)):
+                raise ValueError(
+                    f"Picard needs a solver step that is affine in the latent and the network output, but "
+                    f"{self.solver!r} at t={float(t)} is not (a clamp such as clip_sample, or stochastic sampling); "
+                    "turn those options off."
+                )
+            a.append(ai)
+            b.append(bi)
+        return a, b
+
+    def _variances(self, state: SolverState, n: int) -> Tensor:
+        """ParaDiGMS's noise magnitude of latents ``0..n``: the variance DDPM would add at the step
+        that reads each latent (0 at the end of the schedule)."""
+        scheduler, timesteps = state.scheduler, state.timesteps
+        out = torch.zeros(n + 1, dtype=torch.float64)
+        if isinstance(self.solver, FlowMatchEuler):
+            sigmas = scheduler.sigmas.double().cpu()
+            first = len(scheduler.timesteps) - len(timesteps)
+            for i in range(n + 1):
+                if first + i + 1 >= len(sigmas):
+                    break
+                s, s_next = float(sigmas[first + i]), float(sigmas[first + i + 1])
+                if s <= 0:
+                    break
+                alpha = (1 - s) / (1 - s_next)  # x_s = alpha x_{s_next} + noise of variance beta2
+                beta2 = max(s * s - alpha * alpha * s_next * s_next, 0.0)
+                out[i] = beta2 * s_next * s_next / (s * s)
+            return out
+        alphas = scheduler.alphas_cumprod.double().cpu()
+        final = float(scheduler.final_alpha_cumprod)
+        ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        for i in range(min(n + 1, len(timesteps))):
+            t = int(timesteps[i])
+            prev = t - ratio  # DDIM's own rule for the next timestep
+            ab, ab_prev = float(alphas[t]), float(alphas[prev]) if prev >= 0 else final
+            out[i] = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+        return out
+
+    @staticmethod
+    def unwrap(solver: Solver) -> Solver:
+        """The solver that sets the schedule: the wrapped one for a :class:`Picard`, else ``solver``."""
+        return solver.solver if isinstance(solver, Picard) else solver
+
+
+__all__ = ["Picard", "PicardStats"]
