@@ -188,3 +188,34 @@ def test_sdo_fit_flips_the_quickstart_to_best_of_n(tiny_weights, tmp_path, monke
     assert {"train/loss", "train/held_out", "train/best_loss"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/best_loss")] == [0, 1]
     assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+class NaNOnCall(DigitThree, register=False):
+    """DigitThree, but NaN at objective call ``at`` (0 scores the unoptimized samples)."""
+
+    def __init__(self, classifier, at):
+        super().__init__(classifier)
+        self.at, self.calls = at, 0
+
+    def forward(self, images, batch):
+        loss = super().forward(images, batch)
+        self.calls += 1
+        return loss * float("nan") if self.calls - 1 == self.at else loss
+
+
+def test_a_non_finite_candidate_skips_the_search_step_or_stops(tiny_digits_dir, tmp_path):
+    from sdo_lightning.module_base import NonFiniteError
+
+    m = LatentOptimization(objective=NaNOnCall(classifier(tiny_digits_dir), at=1), backbone=DigitsBackbone(tiny_digits_dir),
+                           solver=DDIM(3), gradient_mode=BestOfN(candidates=2), seed=SEED)
+    record = BestLosses()
+    with pytest.warns(UserWarning, match="step 0: the loss is not finite"):
+        fit(m, tmp_path, steps=2, callbacks=[record])
+    start = DigitThree(classifier(tiny_digits_dir))(m.initial_images, {})
+    torch.testing.assert_close(record.best[0], start)  # step 0 skipped: the unoptimized samples' losses
+    assert m.skipped_steps == 1 and (record.best[1] <= record.best[0]).all()
+    stopping = LatentOptimization(objective=NaNOnCall(classifier(tiny_digits_dir), at=1),
+                                  backbone=DigitsBackbone(tiny_digits_dir), solver=DDIM(3),
+                                  gradient_mode=BestOfN(candidates=2), seed=SEED, on_nonfinite="stop")
+    with pytest.raises(NonFiniteError, match="step 0"):
+        fit(stopping, tmp_path, steps=2)
