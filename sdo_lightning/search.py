@@ -68,12 +68,14 @@ class SearchMode(GradientMode):
             raise ValueError(f"{type(self).__name__} candidates must be an integer >= 1, got {candidates!r}.")
         self.candidates = int(candidates)
 
+    def refusal(self) -> str:
+        """The sentence a module that needs gradients refuses this search with."""
+        return (f"{type(self).__name__} searches without gradients, so it plans no network graph: use it as the "
+                "gradient_mode of LatentOptimization only (RewardFineTuning needs ShortcutGradient, FullBackprop or "
+                "TruncatedBackprop).")
+
     def plan(self, num_calls: int, target: Target, generator: torch.Generator | None = None) -> GradientPlan:
-        raise ValueError(
-            f"{type(self).__name__} searches without gradients, so it plans no network graph: use it as the "
-            "gradient_mode of LatentOptimization only (RewardFineTuning needs ShortcutGradient, FullBackprop or "
-            "TruncatedBackprop)."
-        )
+        raise ValueError(self.refusal())
 
     def check_target(self, target: "OptimizationTarget") -> None:
         """Raise ValueError when this search cannot move ``target`` (called by LatentOptimization)."""

@@ -155,12 +155,13 @@ def test_best_of_n_refuses_targets_other_than_the_start_noise(target, tiny_digit
 def test_a_search_refuses_reward_fine_tuning(mode, tiny_digits_dir, tmp_path):
     from sdo_lightning.reward_finetuning import RewardFineTuning
 
-    m = RewardFineTuning(objective=DigitThree(classifier(tiny_digits_dir)), backbone=DigitsBackbone(tiny_digits_dir),
-                         solver=DDIM(2), gradient_mode=mode)
     name = type(mode).__name__
     with pytest.raises(ValueError, match=rf"^{name} searches without gradients, so it plans no network graph: use it "
                                          r"as the gradient_mode of LatentOptimization only \(RewardFineTuning needs "
                                          r"ShortcutGradient, FullBackprop or TruncatedBackprop\)\.$"):
+        # refused at the first step (plan), or at construction where RewardFineTuning checks
+        m = RewardFineTuning(objective=DigitThree(classifier(tiny_digits_dir)), backbone=DigitsBackbone(tiny_digits_dir),
+                             solver=DDIM(2), gradient_mode=mode)
         fit(m, tmp_path, steps=1)
 
 
