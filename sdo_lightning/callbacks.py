@@ -153,8 +153,9 @@ class PredictionWriter(Callback):
                                   "seed": torch.cat([r["seed"] for r in rows]).numpy()}
         if all("base" in r for r in rows):
             arrays["base"] = torch.cat([r["base"] for r in rows]).numpy()
-        if all("class_label" in r for r in rows):
-            arrays["class_label"] = torch.cat([r["class_label"] for r in rows]).numpy()
+        for key in ("class_label", "reference_class_label"):
+            if all(key in r for r in rows):
+                arrays[key] = torch.cat([r[key] for r in rows]).numpy()
         prompts = [p for r in rows for p in r.get("prompt", [])]
         if len(prompts) == len(arrays["seed"]):
             arrays["prompt"] = np.array(prompts)
@@ -187,5 +188,9 @@ class PredictionWriter(Callback):
             span = f"seeds {int(seeds.min())}-{int(seeds.max())}" if len(rows) > 1 else f"seed {int(seeds[0])}"
             out.append((f"{name}, {span}", torch.from_numpy(arrays["images"][rows])))
             if "base" in arrays:
-                out.append((f"{name}, {span} (base model)", torch.from_numpy(arrays["base"][rows])))
+                drawn = ""
+                if "reference_class_label" in arrays:  # the base model's samples of another class
+                    classes = sorted({int(c) for c in arrays["reference_class_label"][rows]})
+                    drawn = ", " + ("unconditional" if classes == [10] else f"class {', '.join(map(str, classes))}")
+                out.append((f"{name}, {span} (base model{drawn})", torch.from_numpy(arrays["base"][rows])))
         return out

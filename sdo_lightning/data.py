@@ -124,10 +124,11 @@ class _Samples(Dataset):
 
 
 def eval_columns(num_samples: int, class_label: int | list[int] | None, prompt: str | list[str] | None, seed: int,
-                 null_class: int) -> dict[str, Any] | None:
+                 null_class: int, reference_class_label: int | list[int] | None = None) -> dict[str, Any] | None:
     """The evaluation rows: ``index`` (row number), ``seed`` (``seed + index``: the row's starting
     noise is ``torch.randn`` from a generator seeded with it), ``class_label`` and ``prompt``
-    (cycled over the rows, when given); None for ``num_samples`` 0."""
+    (cycled over the rows, when given), and ``reference_class_label`` (the class the base model's
+    reference samples are drawn with, when given); None for ``num_samples`` 0."""
     if num_samples < 0:
         raise ValueError(f"eval_samples must be >= 0 (0: no evaluation set), got {num_samples}.")
     if seed < 0:
@@ -142,6 +143,8 @@ def eval_columns(num_samples: int, class_label: int | list[int] | None, prompt: 
         if not prompts:
             raise ValueError("an empty list of evaluation prompts was given; give one prompt or a list to cycle through.")
         columns["prompt"] = [prompts[i % len(prompts)] for i in range(num_samples)]
+    if reference_class_label is not None:
+        columns["reference_class_label"] = _per_sample(reference_class_label, num_samples, null_class)
     return columns
 
 
@@ -235,6 +238,10 @@ class SampleSet(_DataModule):
         eval_seed: the first evaluation seed: row ``i`` starts from ``torch.randn`` seeded with
             ``eval_seed + i`` (never a training draw for the default).
         eval_batch_size: evaluation rows per batch.
+        eval_reference_class_label: draw the base model's reference samples (fidelity, FID) of
+            the evaluation rows with this class (one, or a list cycled) instead of the rows' own:
+            e.g. 7 to compare a model fine-tuned to make 7s with the base model's 7s of the same
+            seeds. None: the rows' classes.
     """
 
     def __init__(
@@ -250,11 +257,12 @@ class SampleSet(_DataModule):
         eval_prompt: str | list[str] | None = None,
         eval_seed: int = 1000,
         eval_batch_size: int = 16,
+        eval_reference_class_label: int | list[int] | None = None,
     ) -> None:
         super().__init__()
         self._set_eval(eval_columns(eval_samples, class_label if eval_class_label is None else eval_class_label,
-                                    prompt if eval_prompt is None else eval_prompt, eval_seed, null_class),
-                       eval_batch_size)
+                                    prompt if eval_prompt is None else eval_prompt, eval_seed, null_class,
+                                    eval_reference_class_label), eval_batch_size)
         if self.eval_rows is not None and target is not None:
             self.eval_rows["target"] = _per_sample(target, eval_samples, null_class)
         if num_samples < 1:

@@ -317,9 +317,10 @@ class OptimizationModule(LightningModule):
         """:meth:`generate_reference` of ``batch``'s rows, each computed once (keyed by its seed and
         condition) and kept on the CPU."""
         cache: dict[Any, Tensor] = self.__dict__.setdefault("_reference_cache", {})
-        keys = [(int(s), int(c) if "class_label" in batch else None, p) for s, c, p in zip(
-            batch["seed"].tolist(), batch["class_label"].tolist() if "class_label" in batch else [0] * len(batch["seed"]),
-            batch.get("prompt") or [None] * len(batch["seed"]))]
+        n = len(batch["seed"])
+        labels = batch.get("reference_class_label", batch.get("class_label"))
+        keys = [(int(s), None if labels is None else int(c), p) for s, c, p in zip(
+            batch["seed"].tolist(), [0] * n if labels is None else labels.tolist(), batch.get("prompt") or [None] * n)]
         todo = [i for i, key in enumerate(keys) if key not in cache]
         if todo:
             from sdo_lightning.data import batch_rows
@@ -403,8 +404,9 @@ class OptimizationModule(LightningModule):
                 if reference is not None:
                     out["base"] = reference.float().cpu()
         out["seed"] = batch["seed"].cpu()
-        if "class_label" in batch:
-            out["class_label"] = batch["class_label"].cpu()
+        for key in ("class_label", "reference_class_label"):
+            if key in batch:
+                out[key] = batch[key].cpu()
         if batch.get("prompt") is not None:
             out["prompt"] = list(batch["prompt"])
         return out

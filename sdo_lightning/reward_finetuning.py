@@ -215,7 +215,10 @@ class RewardFineTuning(OptimizationModule):
         return self._eval_sample(batch, fold=True)
 
     def generate_reference(self, batch: dict[str, Any]) -> Tensor:
-        """The base model's images of the same rows and seeds (adapters off)."""
+        """The base model's images of the same rows and seeds (adapters off), drawn with the rows'
+        ``reference_class_label`` where the data module gives one."""
+        if "reference_class_label" in batch:
+            batch = {**batch, "class_label": batch["reference_class_label"]}
         with lora.adapters_disabled(self.backbone.network):
             return self._eval_sample(batch, fold=False)
 

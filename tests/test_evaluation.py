@@ -188,7 +188,7 @@ def test_validation_during_fit_leaves_the_training_unchanged(tiny_digits_dir, tm
     assert all(torch.equal(a, b) for a, b in zip(*adapters))
 
 
-def hand_sampled(weights, adapter_dir, seeds, steps=3):
+def hand_sampled(weights, adapter_dir, seeds, steps=3, label=10):
     """DDIM by hand with diffusers' scheduler, on a UNet with the adapter loaded by peft directly."""
     from diffusers import DDIMScheduler, UNet2DModel
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
@@ -203,7 +203,7 @@ def hand_sampled(weights, adapter_dir, seeds, steps=3):
     scheduler = DDIMScheduler.from_pretrained(weights / "scheduler", clip_sample=False)
     scheduler.set_timesteps(steps)
     x = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    labels = torch.full((len(seeds),), 10)
+    labels = torch.full((len(seeds),), label)
     with torch.no_grad():
         for t in scheduler.timesteps:
             x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, eta=0.0).prev_sample
@@ -227,9 +227,12 @@ def test_validate_and_predict_read_the_fit_and_predict_equals_hand_sampling(run,
     np.testing.assert_allclose(saved["base"], hand_sampled(tiny_digits_dir, None, [5, 6, 7]).numpy(), atol=1e-5)
     assert np.abs(saved["images"] - saved["base"]).max() > 1e-4  # the adapter changed the samples
     # the exported directory alone, without the checkpoint
+    # and the base model's samples of another class as the reference
     main(["predict", "--config", str(config), "--model.adapter", str(adapter), *evaluation_args(tiny_digits_dir),
-          "--data.eval_samples", "3", "--data.eval_seed", "5"])
-    np.testing.assert_allclose(np.load(versions(root)[-1] / "predictions.npz")["images"], expected.numpy(), atol=1e-5)
+          "--data.eval_samples", "3", "--data.eval_seed", "5", "--data.eval_reference_class_label", "7"])
+    saved = np.load(versions(root)[-1] / "predictions.npz")
+    np.testing.assert_allclose(saved["images"], expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(saved["base"], hand_sampled(tiny_digits_dir, None, [5, 6, 7], label=7).numpy(), atol=1e-5)
 
 
 # -- bad input: one sentence each ---------------------------------------------------------------
