@@ -79,9 +79,9 @@ def unregister(kind: str, name: str) -> None:
 
 #: kind -> the built-in modules whose import registers that kind's classes
 _BUILTINS: dict[str, tuple[str, ...]] = {
-    "objectives": ("sdo_lightning.objectives",),
+    "objectives": ("sdo_lightning.objectives", "sdo_lightning.digits.judge"),
     "solvers": ("sdo_lightning.solvers",),
-    "gradient_modes": ("sdo_lightning.gradient_modes",),
+    "gradient_modes": ("sdo_lightning.gradient_modes", "sdo_lightning.search"),
     "backbones": ("sdo_lightning.backbones",),
     "modules": ("sdo_lightning.latent_optimization", "sdo_lightning.reward_finetuning"),
     "data": ("sdo_lightning.data",),

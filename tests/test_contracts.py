@@ -41,12 +41,14 @@ def objective_files(tmp_path_factory, tiny_clip, style_png):
 
 def _objectives():
     from sdo_lightning import objectives as o
+    from sdo_lightning.digits.judge import DigitsJudge
 
     return {
         "AestheticScore": lambda f: o.AestheticScore(mlp=f["mlp"], model=f["clip"]),
         "CLIPScore": lambda f: o.CLIPScore(f["clip"], prompt="a cat"),
         "CLIPStyleLoss": lambda f: o.CLIPStyleLoss(f["clip"], reference=f["png"], layer=2),
         "ClassifierObjective": lambda f: o.ClassifierObjective(target_class=3),
+        "DigitsJudge": lambda f: DigitsJudge(target_class=3),
         "HPSv2Score": lambda f: o.HPSv2Score(f["hps"], prompt="a cat"),
         "ImageClassifierObjective": lambda f: o.ImageClassifierObjective("torchvision/tinynet", weights="IMAGENET1K_V1",
                                                                          target_class=2),
@@ -62,7 +64,7 @@ def _objectives():
 
 
 #: objectives of the embedded digits model, which takes grey images only
-GREY_ONLY = {"ClassifierObjective", "WeightedSum"}
+GREY_ONLY = {"ClassifierObjective", "DigitsJudge", "WeightedSum"}
 
 
 def test_every_builtin_objective_has_a_contract_factory():
