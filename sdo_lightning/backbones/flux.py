@@ -75,6 +75,9 @@ class FluxBackbone(PooledTextConditionedBackbone):
         compile: ``torch.compile`` the transformer (True, or the name of a backend).
         channels_last: store the transformer's 4-D weights channels-last (it has none; kept for
             the options every backbone takes).
+        checkpoint_decode: recompute the VAE decoder's activations in backward (activation
+            checkpointing): the same gradient, without the decoder's activations held between the
+            forward pass and backward, for one more decoder forward pass.
     """
 
     # the attention projections of both streams: the image stream's and the text stream's
@@ -97,6 +100,7 @@ class FluxBackbone(PooledTextConditionedBackbone):
         lora: str | None = None,
         compile: bool | str = False,
         channels_last: bool = False,
+        checkpoint_decode: bool = False,
     ) -> None:
         super().__init__()
         from diffusers import FluxPipeline
@@ -105,6 +109,7 @@ class FluxBackbone(PooledTextConditionedBackbone):
                              variant=variant, dtype=dtype, lora=lora)
         self._adopt(pipe, guidance_scale, true_cfg_scale, negative_prompt, max_sequence_length, height, width,
                     compile, channels_last)
+        self.checkpoint_decode = checkpoint_decode
         self.fused_lora = lora
 
     def _adopt(self, pipe: Any, guidance_scale: float, true_cfg_scale: float, negative_prompt: str,

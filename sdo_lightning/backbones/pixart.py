@@ -36,6 +36,9 @@ class PixArtAlphaBackbone(TextConditionedBackbone):
         variant: weights variant (e.g. ``fp16``).
         compile: ``torch.compile`` the transformer (True, or the name of a backend).
         channels_last: store the transformer's weights channels-last.
+        checkpoint_decode: recompute the VAE decoder's activations in backward (activation
+            checkpointing): the same gradient, without the decoder's activations held between the
+            forward pass and backward, for one more decoder forward pass.
     """
 
     lora_target_modules = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
@@ -54,6 +57,7 @@ class PixArtAlphaBackbone(TextConditionedBackbone):
         variant: str | None = None,
         compile: bool | str = False,
         channels_last: bool = False,
+        checkpoint_decode: bool = False,
     ) -> None:
         super().__init__()
         from diffusers import PixArtAlphaPipeline
@@ -62,6 +66,7 @@ class PixArtAlphaBackbone(TextConditionedBackbone):
         pipe = load_pipeline(PixArtAlphaPipeline, model, "PixArt-alpha pipeline", local_files_only=local_files_only,
                              revision=revision, variant=variant, dtype=dtype, tokenizer=tokenizer)
         self._adopt(pipe, guidance_scale, negative_prompt, max_sequence_length, height, width, compile, channels_last)
+        self.checkpoint_decode = checkpoint_decode
 
     def _adopt(self, pipe: Any, guidance_scale: float, negative_prompt: str, max_sequence_length: int,
                height: int | None, width: int | None, compile: bool | str, channels_last: bool) -> None:

@@ -49,6 +49,9 @@ class StableDiffusion3Backbone(PooledTextConditionedBackbone):
             transformer after loading.
         compile: ``torch.compile`` the transformer (True, or the name of a backend).
         channels_last: store the transformer's weights channels-last.
+        checkpoint_decode: recompute the VAE decoder's activations in backward (activation
+            checkpointing): the same gradient, without the decoder's activations held between the
+            forward pass and backward, for one more decoder forward pass.
     """
 
     # the attention projections of the joint blocks: image stream (to_*; also attn2 of 3.5-medium's
@@ -71,6 +74,7 @@ class StableDiffusion3Backbone(PooledTextConditionedBackbone):
         lora: str | None = None,
         compile: bool | str = False,
         channels_last: bool = False,
+        checkpoint_decode: bool = False,
     ) -> None:
         super().__init__()
         from diffusers import StableDiffusion3Pipeline
@@ -86,6 +90,7 @@ class StableDiffusion3Backbone(PooledTextConditionedBackbone):
         pipe = load_pipeline(StableDiffusion3Pipeline, model, "Stable Diffusion 3 pipeline", local_files_only=local_files_only,
                              revision=revision, variant=variant, dtype=dtype, lora=lora, **no_t5)
         self._adopt(pipe, guidance_scale, negative_prompt, max_sequence_length, height, width, compile, channels_last)
+        self.checkpoint_decode = checkpoint_decode
         self.fused_lora = lora
 
     def _adopt(self, pipe: Any, guidance_scale: float, negative_prompt: str, max_sequence_length: int,
