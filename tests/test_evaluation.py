@@ -155,6 +155,8 @@ def test_fit_validates_every_step_and_the_model_card_and_hparams_record_it(run):
     assert [e.step for e in events.Scalars("val/fid")] == [0, 1]
     assert [e.step for e in events.Images("val/samples")] == [0, 1]  # the same seeds at every validation
     assert "hp/fid" in events.Tags()["scalars"] and "hp_metric" not in events.Tags()["scalars"]
+    hparams = events.PluginTagToContent("hparams")  # TensorBoard's HParams tab: settings and metrics
+    assert b"hp/fid" in hparams["_hparams_/experiment"] and b"lora_rank" in hparams["_hparams_/session_start_info"]
     card = lora.read_model_card(fit_dir / "lora")
     assert card["base_model"].startswith("DigitsBackbone(") and card["lora_rank"] == 4 and card["steps"] == 2
     assert card["reward"] == "ClassifierObjective" and card["gradient_mode"] == "ShortcutGradient"
@@ -216,6 +218,8 @@ def test_validate_and_predict_read_the_fit_and_predict_equals_hand_sampling(run,
     main(["validate", "--config", str(config), "--ckpt_path", "last", *evaluation_args(tiny_digits_dir)])
     metrics = json.loads((versions(root)[-1] / "val_metrics.json").read_text())
     assert {"reward", "fid", "kid", "ssim", "psnr", "diversity", "class_entropy"} <= set(metrics)
+    main(["test", "--config", str(config), "--ckpt_path", "last", *evaluation_args(tiny_digits_dir)])
+    assert json.loads((versions(root)[-1] / "test_metrics.json").read_text()) == metrics  # the same rows
     main(["predict", "--config", str(config), "--ckpt_path", "last", *evaluation_args(tiny_digits_dir),
           "--data.eval_samples", "3", "--data.eval_seed", "5"])
     out = versions(root)[-1]
