@@ -26,7 +26,7 @@ def test_tiny_sd_smoke_run_records_every_step_and_draws_the_plot(tmp_path, monke
         if run["method"] in ("best_of_n", "zero_order"):  # searches keep the lowest loss seen
             assert rows[2]["best_loss"] <= rows[1]["best_loss"]
     image = Image.open(out.with_suffix(".png"))
-    assert image.size == (2 * 460, 300)  # one model, two panels (objective, judge)
+    assert image.size == (3 * 460, 300)  # one model, three panels (objective, judge, L2)
     # the step-function reading of a trace: the last record at or before the time asked
     rows = saved["runs"][0]["rows"]
     assert equal_time.at(rows, "objective", rows[1]["seconds"]) == rows[1]["objective"]
