@@ -239,7 +239,9 @@ def write_model_card(directory: str | Path, fields: dict[str, Any], metrics: dic
         lines += ["## Validation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {float(v):.4g} |" for k, v in metrics.items()]
         lines.append("")
-    lines += ["## Use", "", "```bash", f"sdo predict --config CONFIG --model.adapter {directory.name}", "```", ""]
+    lines += ["## Use", "", "Images for the data module's evaluation rows (`--data.eval_samples`, `--data.eval_class_label`, "
+              "`--data.eval_prompts`, `--data.eval_seed`), written as predict_grid.png and predictions.npz:", "",
+              "```bash", f"sdo predict --config CONFIG --model.adapter {directory}", "```", ""]
     path = directory / "README.md"
     path.write_text("\n".join(lines))
     return path

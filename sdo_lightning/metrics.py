@@ -12,6 +12,7 @@ same seeds; then:
     ssim          mean SSIM(x, y)                        (11x11 Gaussian window, sigma 1.5)
     lpips         mean LPIPS(x, y)                       (the project's LPIPSFidelity, when configured)
     fid / kid     distance between the feature distributions of {x} and {y}
+    pixel_fid     the Frechet distance of the pixel distributions (images of at most 1024 pixels)
     diversity     mean pairwise L2 distance of the features of {x}   (base_diversity: of {y})
     clip_score    100 * max(cos(image, prompt), 0)       (torchmetrics CLIPScore, when configured)
 
@@ -77,14 +78,30 @@ class ClassifierFeatures(nn.Module):
         return self.classifier(images.float())
 
 
+class PixelFeatures(nn.Module):
+    """The pixels themselves as features (``(B, C*H*W)``): a distribution distance no trained
+    network shapes, so a reward that fools the classifier cannot fool it too. For small images only."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.num_features = size
+
+    def forward(self, images: Tensor) -> Tensor:
+        return images.flatten(1).double()
+
+
+#: the most pixels per image the pixel-space FID is computed for (its covariance is size x size)
+PIXEL_FID_MAX = 1024
+
+
 class Evaluation:
     """What validation, test and predict compute, and with which networks.
 
     Args:
         features: the feature extractor of FID, KID and diversity: ``digits`` for the shipped
-            digits classifier, a directory of a saved DigitClassifier, or None to skip FID/KID
-            (diversity is then measured on pixels). Needs 1-channel images; other models need
-            None (or their own extractor, see :class:`SampleMetrics`).
+            digits classifier, a directory of a saved DigitClassifier, ``auto`` (the shipped
+            classifier for 1-channel images, none for others), or None to skip FID/KID
+            (diversity is then measured on pixels). A classifier needs 1-channel images.
         lpips: an LPIPSFidelity objective (its VGG16 and LPIPS weight files) to report LPIPS to
             the unoptimized samples; None skips LPIPS.
         clip_model: a CLIP directory (transformers ``CLIPModel`` + its processor) for the CLIP
@@ -97,7 +114,7 @@ class Evaluation:
 
     def __init__(
         self,
-        features: str | None = "digits",
+        features: str | None = "auto",
         lpips: Any | None = None,
         clip_model: str | None = None,
         kid_subset_size: int = KID_SUBSET_SIZE,
@@ -115,11 +132,17 @@ class Evaluation:
         self.grid_size = grid_size
         self.predict_base = predict_base
 
-    def build(self) -> "SampleMetrics":
-        """The metrics (fresh states) these settings describe."""
+    def build(self, channels: int = 1) -> "SampleMetrics":
+        """The metrics (fresh states) these settings describe, for images of ``channels`` channels."""
         extractor = None
-        if self.features is not None:
-            extractor = ClassifierFeatures(None if self.features == "digits" else self.features)
+        if self.features == "auto" and channels != 1:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"evaluation.features auto: no FID/KID feature extractor for {channels}-channel images "
+                           "(torchmetrics' Inception needs torch-fidelity and downloaded weights); FID and KID are "
+                           "skipped, diversity is measured on pixels.")
+        elif self.features is not None:
+            extractor = ClassifierFeatures(None if self.features in ("digits", "auto") else self.features)
         clip = load_clip_score(self.clip_model) if self.clip_model is not None else None
         return SampleMetrics(extractor, lpips=self.lpips, clip_score=clip, kid_subset_size=self.kid_subset_size)
 
@@ -189,6 +212,7 @@ class SampleMetrics(nn.Module):
                 warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
                 self.kid = KernelInceptionDistance(feature=features, subsets=50, subset_size=kid_subset_size)
         self.kid_subset_size = kid_subset_size
+        self.pixel_fid: nn.Module | None = None  # made for the first images small enough
         self._seen: set[str] = set()
 
     def _features(self, images: Tensor) -> Tensor:
@@ -228,6 +252,16 @@ class SampleMetrics(nn.Module):
         if min(images.shape[-2:]) > SSIM_WINDOW // 2:  # the window's reflect padding needs this much
             self.ssim.update(images, reference)
             self._seen.add("ssim")
+        size = images[0].numel()
+        if size <= PIXEL_FID_MAX:
+            if self.pixel_fid is None:
+                from torchmetrics.image.fid import FrechetInceptionDistance
+
+                with torch.inference_mode(False):
+                    self.pixel_fid = FrechetInceptionDistance(feature=PixelFeatures(size)).to(images.device)
+            self.pixel_fid.update(reference, real=True)
+            self.pixel_fid.update(images, real=False)
+            self._seen.add("pixel_fid")
         if self.fid is not None:
             self.fid.update(reference, real=True)
             self.fid.update(images, real=False)
@@ -266,6 +300,8 @@ class SampleMetrics(nn.Module):
             if "ssim" in self._seen:
                 out["ssim"] = float(self.ssim.compute())
             n = len(features)
+            if "pixel_fid" in self._seen and n >= 2:
+                out["pixel_fid"] = float(self.pixel_fid.compute())
             if self.fid is not None and n >= 2:
                 out["fid"] = float(self.fid.compute())
                 # KID draws random subsets: from a fixed seed, leaving the global generators alone
@@ -281,7 +317,7 @@ class SampleMetrics(nn.Module):
 
     def reset(self) -> None:
         for metric in (self.reward, self.held_out, self.psnr, self.ssim, self.lpips, self.sample_features,
-                       self.base_features, self.classes, self.fid, self.kid, self.clip_score):
+                       self.base_features, self.classes, self.fid, self.kid, self.clip_score, self.pixel_fid):
             if metric is not None:
                 metric.reset()
         self._seen = set()

@@ -289,8 +289,8 @@ class OptimizationModule(LightningModule):
     def generate_for_eval(self, batch: dict[str, Any]) -> Tensor:
         """Images ``(B, C, H, W)`` in [0, 1] for the evaluation rows ``batch`` (``index``, ``seed``,
         ``class_label``, maybe ``prompt``) with what was optimized, without a graph."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement generate_for_eval, so it cannot validate, "
-                                  "test or predict.")
+        raise ValueError(f"{type(self).__name__} does not implement generate_for_eval, so it cannot validate, test or "
+                         "predict; set data.eval_samples: 0 to fit without validation.")
 
     def generate_reference(self, batch: dict[str, Any]) -> Tensor | None:
         """The unoptimized model's images for the same rows and seeds (the fidelity and FID
@@ -301,7 +301,7 @@ class OptimizationModule(LightningModule):
         """The batch the objectives see at evaluation (``initial_images``: the reference)."""
         return {**batch, "initial_images": reference} if reference is not None else dict(batch)
 
-    def _eval_metrics(self) -> Any:
+    def _eval_metrics(self, channels: int = 1) -> Any:
         metrics = getattr(self, "_metrics", None)
         if metrics is None:
             from sdo_lightning.metrics import Evaluation, SampleMetrics
@@ -309,7 +309,7 @@ class OptimizationModule(LightningModule):
             # plain tensors, whichever mode the first evaluation runs in; building networks draws their
             # initial weights from the global generators, which the training's draws must not see
             with torch.inference_mode(False), progress.global_rng_unchanged():
-                metrics = self.evaluation.build() if isinstance(self.evaluation, Evaluation) else SampleMetrics()
+                metrics = self.evaluation.build(channels) if isinstance(self.evaluation, Evaluation) else SampleMetrics()
             object.__setattr__(self, "_metrics", metrics.to(self.device))  # not a submodule: kept out of checkpoints
         return metrics
 
@@ -341,7 +341,7 @@ class OptimizationModule(LightningModule):
             losses = self.objective(images, scored)
             held = getattr(self, "held_out_objective", None)
             held_out = held(images, scored) if held is not None else None
-        self._eval_metrics().update(images, reference, losses, held_out, batch)
+        self._eval_metrics(images.shape[1]).update(images, reference, losses, held_out, batch)
         grid = self.__dict__.setdefault("_eval_grid", [])
         limit = self.evaluation.grid_size if self.evaluation is not None else 64
         if sum(len(g) for g in grid) < limit:

@@ -64,6 +64,16 @@ def test_fid_is_the_frechet_distance_of_the_feature_sets_and_of_their_gaussians(
     assert metrics.compute()["fid"] == fid
 
 
+def test_pixel_fid_is_the_frechet_distance_of_the_pixels():
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(60, 1, 3, 3, generator=g), torch.rand(60, 1, 3, 3, generator=g) ** 2
+    metrics = SampleMetrics(None)
+    metrics.update(x, y)
+    a, b = x.flatten(1).double().numpy(), y.flatten(1).double().numpy()
+    expected = frechet(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert metrics.compute()["pixel_fid"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_psnr_ssim_diversity_and_reward_against_hand_computations():
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(5, 1, 16, 16, generator=g), torch.rand(5, 1, 16, 16, generator=g)
@@ -297,3 +307,13 @@ def test_prompts_missing_for_a_text_model_is_one_sentence(tmp_path):
         "network": None, "encode_condition": None, "denoise": None}, register=False))
     with pytest.raises(ValueError, match="eval_prompts"):
         module.generate_for_eval({"index": torch.arange(2), "seed": torch.arange(2)})
+
+
+def test_auto_features_skip_fid_for_colour_images_and_digits_features_refuse_them(tiny_weights):
+    from sdo_lightning.metrics import Evaluation
+
+    with pytest.warns(UserWarning, match="FID and KID are skipped"):
+        assert Evaluation().build(channels=3).fid is None
+    assert isinstance(Evaluation().build(channels=1).features, ClassifierFeatures)
+    with pytest.raises(ValueError, match="features: null"):
+        Evaluation(features="digits").build().update(torch.rand(2, 3, 16, 16), None)
