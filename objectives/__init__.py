@@ -1,6 +1,7 @@
 """Built-in objectives: per-sample losses on images in [0, 1], lower is better."""
 
 from sdo_lightning.objectives.aesthetic import AestheticScore
+from sdo_lightning.objectives.checkpointed import Checkpointed
 from sdo_lightning.objectives.classifier import ClassifierObjective
 from sdo_lightning.objectives.clip import CLIPScore
 from sdo_lightning.objectives.combine import WeightedSum
@@ -16,6 +17,7 @@ __all__ = [
     "AestheticScore",
     "CLIPScore",
     "CLIPStyleLoss",
+    "Checkpointed",
     "ClassifierObjective",
     "HPSv2Score",
     "ImageClassifierObjective",

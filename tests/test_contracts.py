@@ -48,6 +48,7 @@ def _objectives():
         "CLIPScore": lambda f: o.CLIPScore(f["clip"], prompt="a cat"),
         "CLIPStyleLoss": lambda f: o.CLIPStyleLoss(f["clip"], reference=f["png"], layer=2),
         "ClassifierObjective": lambda f: o.ClassifierObjective(target_class=3),
+        "Checkpointed": lambda f: o.Checkpointed(o.CLIPScore(f["clip"], prompt="a cat")),
         "DigitsJudge": lambda f: DigitsJudge(target_class=3),
         "HPSv2Score": lambda f: o.HPSv2Score(f["hps"], prompt="a cat"),
         "ImageClassifierObjective": lambda f: o.ImageClassifierObjective("torchvision/tinynet", weights="IMAGENET1K_V1",
