@@ -14,7 +14,7 @@ same seeds; then:
     fid / kid     distance between the feature distributions of {x} and {y}
     pixel_fid     the Frechet distance of the pixel distributions (images of at most 1024 pixels)
     diversity     mean pairwise L2 distance of the features of {x}   (base_diversity: of {y})
-    clip_score    100 * max(cos(image, prompt), 0)       (torchmetrics CLIPScore, when configured)
+    clip_score    100 * max(cos(image, prompt), 0)       (the CLIP score's definition, when a CLIP is configured)
 
 FID and KID take a feature extractor: the shipped digits classifier's penultimate layer for the
 embedded digits model (``features: digits``), since torchmetrics' Inception default needs the
@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from sdo_lightning.contracts import Objective
 
 #: the SSIM window (torchmetrics' default, Wang et al. 2004): 11 x 11, Gaussian sigma 1.5
 SSIM_WINDOW = 11
@@ -104,7 +106,7 @@ class Evaluation:
             (diversity is then measured on pixels). A classifier needs 1-channel images.
         lpips: an LPIPSFidelity objective (its VGG16 and LPIPS weight files) to report LPIPS to
             the unoptimized samples; None skips LPIPS.
-        clip_model: a CLIP directory (transformers ``CLIPModel`` + its processor) for the CLIP
+        clip_model: a CLIP directory (transformers ``CLIPModel`` and tokenizer) for the CLIP
             score of images against their prompts; None skips it.
         kid_subset_size: samples per KID subset (at most the evaluation set's size).
         grid_size: how many of the evaluation images the TensorBoard grid shows.
@@ -115,7 +117,7 @@ class Evaluation:
     def __init__(
         self,
         features: str | None = "auto",
-        lpips: Any | None = None,
+        lpips: Objective | None = None,
         clip_model: str | None = None,
         kid_subset_size: int = KID_SUBSET_SIZE,
         grid_size: int = 64,
@@ -148,23 +150,19 @@ class Evaluation:
 
 
 def load_clip_score(path: str) -> nn.Module:
-    """torchmetrics' CLIPScore around the CLIP model and processor saved in ``path`` (offline)."""
-    from torchmetrics.multimodal.clip_score import CLIPScore
-    from transformers import CLIPModel, CLIPProcessor
+    """The project's :class:`~sdo_lightning.objectives.CLIPScore` on the CLIP saved in ``path``
+    (offline): its cosine gives the CLIP score ``100 * max(cos, 0)``.
+
+    Not torchmetrics' CLIPScore: in torchmetrics 1.9 it reads ``get_image_features`` as a tensor,
+    which transformers 5 returns wrapped in an output object (AttributeError), and its processor
+    wants torchvision.
+    """
+    from sdo_lightning.objectives import CLIPScore
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"evaluation.clip_model={path!r} is not a directory; give a saved CLIP (config.json, "
-                                "weights, tokenizer and preprocessor files), or leave it unset to skip the CLIP score.")
-
-    def load() -> tuple[Any, Any]:
-        try:
-            return (CLIPModel.from_pretrained(path, local_files_only=True),
-                    CLIPProcessor.from_pretrained(path, local_files_only=True))
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(f"evaluation.clip_model={path!r} holds no complete CLIP model and processor "
-                                    f"({type(err).__name__}); save both there, or leave it unset.") from None
-
-    return CLIPScore(model_name_or_path=load)
+                                "weights, tokenizer files), or leave it unset to skip the CLIP score.")
+    return CLIPScore(path, local_files_only=True).eval().requires_grad_(False)
 
 
 def mean_pairwise_distance(features: Tensor) -> Tensor:
@@ -181,7 +179,8 @@ class SampleMetrics(nn.Module):
         features: an ``nn.Module`` mapping images to ``(B, D)`` features (FID, KID, diversity),
             with a ``num_features`` attribute; None skips FID and KID.
         lpips: an objective returning per-sample LPIPS to ``batch["initial_images"]``; None skips it.
-        clip_score: a torchmetrics CLIPScore; None skips it.
+        clip_score: a :class:`~sdo_lightning.objectives.CLIPScore` objective (its loss is
+            ``1 - cos``) for the CLIP score of images and ``batch["prompt"]``; None skips it.
         kid_subset_size: samples per KID subset (clipped to the set's size).
     """
 
@@ -200,6 +199,7 @@ class SampleMetrics(nn.Module):
         self.lpips_objective = lpips
         self.lpips = MeanMetric()
         self.clip_score = clip_score
+        self.clip_mean = MeanMetric()
         self.features = features
         # the features of every sample, for diversity (CatMetric gathers them from all processes)
         self.sample_features = CatMetric()
@@ -272,8 +272,8 @@ class SampleMetrics(nn.Module):
             self._seen.add("lpips")
         if self.clip_score is not None and batch is not None and batch.get("prompt") is not None:
             prompts = [batch["prompt"]] if isinstance(batch["prompt"], str) else list(batch["prompt"])
-            rgb = images if images.shape[1] == 3 else images.expand(-1, 3, -1, -1)
-            self.clip_score.update((rgb * 255).round().to(torch.uint8), prompts)
+            cosine = 1 - self.clip_score(images, {**batch, "prompt": prompts}).float()
+            self.clip_mean.update(100 * cosine.clamp(min=0))
             self._seen.add("clip_score")
 
     @torch.no_grad()
@@ -312,12 +312,12 @@ class SampleMetrics(nn.Module):
         if "lpips" in self._seen:
             out["lpips"] = float(self.lpips.compute())
         if "clip_score" in self._seen:
-            out["clip_score"] = float(self.clip_score.compute())
+            out["clip_score"] = float(self.clip_mean.compute())
         return out
 
     def reset(self) -> None:
         for metric in (self.reward, self.held_out, self.psnr, self.ssim, self.lpips, self.sample_features,
-                       self.base_features, self.classes, self.fid, self.kid, self.clip_score, self.pixel_fid):
+                       self.base_features, self.classes, self.fid, self.kid, self.clip_mean, self.pixel_fid):
             if metric is not None:
                 metric.reset()
         self._seen = set()

@@ -295,6 +295,10 @@ def test_bad_input_ends_in_one_sentence(run, tiny_digits_dir, other_model, tmp_p
     # a metric whose weights are not there
     assert "no digits classifier" in one_sentence(["validate", "--config", str(config), "--model.evaluation.features",
                                                    str(tmp_path / "missing")], root)
+    missing = one_sentence(["validate", "--config", str(config), *ev, "--model.evaluation.lpips", "LPIPSFidelity",
+                            "--model.evaluation.lpips.vgg_weights", str(tmp_path / "vgg16.pth"),
+                            "--model.evaluation.lpips.lpips_weights", str(tmp_path / "vgg.pth")], root)
+    assert "vgg16.pth" in missing
 
 
 def test_prompts_missing_for_a_text_model_is_one_sentence(tmp_path):
@@ -317,3 +321,29 @@ def test_auto_features_skip_fid_for_colour_images_and_digits_features_refuse_the
     assert isinstance(Evaluation().build(channels=1).features, ClassifierFeatures)
     with pytest.raises(ValueError, match="features: null"):
         Evaluation(features="digits").build().update(torch.rand(2, 3, 16, 16), None)
+
+
+def test_clip_score_is_100_times_the_clipped_cosine_of_the_saved_clip(tmp_path):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from sdo_lightning.metrics import load_clip_score
+    from tiny_models import build_tiny_clip
+
+    root = build_tiny_clip(tmp_path / "clip")
+    metrics = SampleMetrics(None, clip_score=load_clip_score(str(root)))
+    g = torch.Generator().manual_seed(4)
+    images, prompts = torch.rand(4, 3, 32, 32, generator=g), ["a cat", "a dog", "a red car", "a dog"]
+    for rows in (slice(0, 3), slice(3, 4)):
+        metrics.update(images[rows], images[rows].flip(0), batch={"prompt": prompts[rows]})
+    # by hand: 32 px is the tower's size (no resize or crop), OpenAI CLIP's normalization
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    model = CLIPModel.from_pretrained(root).eval()
+    tokens = CLIPTokenizer.from_pretrained(root)(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        img = model.visual_projection(model.vision_model(pixel_values=(images - mean) / std).pooler_output)
+        txt = model.text_projection(model.text_model(**tokens).pooler_output)
+    cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+    assert metrics.compute()["clip_score"] == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-4)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        load_clip_score(str(tmp_path / "none"))
