@@ -292,7 +292,7 @@ class SampleMetrics(nn.Module):
             classes = self.classes.compute().long()
             counts = torch.bincount(classes, minlength=10).double()
             p = counts / counts.sum()
-            out["class_entropy"] = float((-(p[p > 0] * p[p > 0].log()).sum()).clamp(min=0))  # nats; log(10) = 2.30 is uniform
+            out["class_entropy"] = float(-(p[p > 0] * p[p > 0].log()).sum()) + 0.0  # nats; log(10) = 2.30 is uniform
             out.update({f"class_{c}": float(p[c]) for c in range(len(p))})
         if "base" in self._seen:
             out["base_diversity"] = float(mean_pairwise_distance(self.base_features.compute()))
