@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -58,6 +58,7 @@ class PicardStats:
         warm: samples that started from a stored trajectory.
         samples: samples in the batch.
         steps: network calls of the trajectory.
+        frontier: after each sweep, the number of steps that are final.
     """
 
     sweeps: int = 0
@@ -66,6 +67,7 @@ class PicardStats:
     warm: int = 0
     samples: int = 0
     steps: int = 0
+    frontier: list[int] = field(default_factory=list)
 
 
 class Picard(Solver):
@@ -83,7 +85,8 @@ class Picard(Solver):
         tolerance: ParaDiGMS's tolerance on the per-step residual, relative to the step's noise
             magnitude (0.1 in the ParaDiGMS pipeline; 0 iterates until the guess no longer changes,
             which is sequential sampling to float rounding).
-        window: steps per sweep (ParaDiGMS's batch window ``p``); None: the whole trajectory.
+        window: steps per sweep (ParaDiGMS's batch window ``p``; 10 as in its pipeline): one
+            network call of ``window`` times the batch; None: the whole trajectory.
         max_sweeps: after this many sweeps the remaining steps run one per sweep (sequentially),
             so the result always meets the tolerance; None: no limit (at most N sweeps anyway).
         warm_start: start a sample from its last converged trajectory (same generator seed).
@@ -98,7 +101,7 @@ class Picard(Solver):
         self,
         solver: Solver,
         tolerance: float = 0.1,
-        window: int | None = None,
+        window: int | None = 10,
         max_sweeps: int | None = None,
         warm_start: bool = True,
         exact_final: bool = True,
@@ -280,6 +283,7 @@ class Picard(Solver):
             if bar is not None:
                 bar.update(first_open - begin)
             begin = first_open
+            stats.frontier.append(begin)
         if bar is not None:
             bar.close()
         stats.rounds = stats.sweeps

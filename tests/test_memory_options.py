@@ -22,10 +22,17 @@ PROMPTS = ["a cat", "a red dog"]
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory):
+def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("memory_options")
-    backbone = StableDiffusionBackbone(str(build_tiny_sd(root / "sd")), guidance_scale=2.0)
-    objective = WeightedSum([CLIPScore(str(build_tiny_clip(root / "clip")), prompt="a cat")])
+    build_tiny_sd(root / "sd")
+    build_tiny_clip(root / "clip")
+    return root
+
+
+@pytest.fixture(scope="module")
+def parts(root):
+    backbone = StableDiffusionBackbone(str(root / "sd"), guidance_scale=2.0)
+    objective = WeightedSum([CLIPScore(str(root / "clip"), prompt="a cat")])
     return backbone, objective
 
 
@@ -85,7 +92,7 @@ def test_each_checkpointing_option_gives_the_same_gradient(option, recomputed, p
     torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
 
 
-def test_checkpoint_decode_is_an_option_of_every_latent_family(tmp_path):
+def test_checkpoint_decode_is_an_option_of_every_latent_family(root):
     import inspect
 
     from sdo_lightning.backbones import (FluxBackbone, PixArtAlphaBackbone, StableDiffusion3Backbone,
@@ -95,10 +102,10 @@ def test_checkpoint_decode_is_an_option_of_every_latent_family(tmp_path):
     for cls in (StableDiffusionBackbone, StableDiffusionXLBackbone, StableDiffusion3Backbone, FluxBackbone,
                 PixArtAlphaBackbone):
         assert inspect.signature(cls.__init__).parameters["checkpoint_decode"].default is False
-    pipe = StableDiffusionPipeline.from_pretrained(str(build_tiny_sd(tmp_path / "sd")))
+    pipe = StableDiffusionPipeline.from_pretrained(str(root / "sd"))
     assert StableDiffusionBackbone.from_pipeline(pipe, checkpoint_decode=True).checkpoint_decode
-    assert not StableDiffusionBackbone(str(tmp_path / "sd"), local_files_only=True).checkpoint_decode
-    assert StableDiffusionBackbone(str(tmp_path / "sd"), local_files_only=True, checkpoint_decode=True).checkpoint_decode
+    assert not StableDiffusionBackbone.from_pipeline(pipe).checkpoint_decode
+    assert StableDiffusionBackbone(str(root / "sd"), local_files_only=True, checkpoint_decode=True).checkpoint_decode
 
 
 def test_checkpointed_objective_replays_the_augmentation_draws(tiny_digits_dir):
