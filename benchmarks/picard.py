@@ -1,0 +1,232 @@
+"""Picard (ParaDiGMS) sampling against sequential sampling along whole quickstart runs.
+
+    python benchmarks/picard.py [--models ddpm flow] [--variants sequential warm cold] [--steps 50]
+        [--cold-steps 10] [--tolerance 0.1] [--window 10] [--out picard.json]
+
+Each variant fits the quickstart config's LatentOptimization in this process, as ``sdo fit`` builds
+it (configs/quickstart.yaml: 16 samples, DDIM 50 steps, 50 Adam steps, lr 0.05;
+configs/digits/flow_quickstart.yaml: the same on the flow model with 50 Euler steps), with the
+solver as the config says (``sequential``) or wrapped in :class:`~sdo_lightning.picard.Picard`
+started cold every step (``cold``) or from the previous step's trajectory of each sample
+(``warm``). Per optimizer step it records the sweeps, the sequential rounds of network calls
+(sequential: N; Picard: the sweeps plus the kept call), the network evaluations (one per sample
+and step) and the step's wall and process seconds (the CPU may be shared: process time is the
+CPU time this process got). At the end: the final objective of the best images (fixed
+augmentation draws), the shipped classifier's p(7), and the independent judge (DigitsJudge, a
+logistic regression on raw pixels the optimization never saw): the share of samples it calls a 7.
+It also times one no-grad sequential sampling pass of the same 16 samples, the floor a warm SDO
+step is compared with. Prints a markdown table; --out writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {"ddpm": ROOT / "configs" / "quickstart.yaml", "flow": ROOT / "configs" / "digits" / "flow_quickstart.yaml"}
+RESCORE_SEED = 1234
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def build(model: str) -> tuple[Any, Any]:
+    """The config's module and data module, as ``sdo fit`` builds them."""
+    from sdo_lightning.cli import main
+
+    cwd, argv = os.getcwd(), sys.argv
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)  # the CLI's trainer is built (and not used) in a scratch directory
+        sys.argv = argv[:1]
+        try:
+            cli = main(["--config", str(CONFIGS[model]), "--trainer.logger", "false"], run=False)
+        finally:
+            os.chdir(cwd)
+            sys.argv = argv
+    return cli.model, cli.datamodule
+
+
+class Record(Callback):
+    """Per optimizer step: the Picard counters (or the sequential loop's), wall and process seconds."""
+
+    def __init__(self, picard: Any, sink: Any, label: str) -> None:
+        self.picard, self.sink, self.label = picard, sink, label
+        self.rows: list[dict[str, Any]] = []
+
+    def on_train_batch_start(self, trainer: Trainer, module: Any, *args: Any) -> None:
+        self._w, self._p = time.perf_counter(), time.process_time()
+
+    def on_train_batch_end(self, trainer: Trainer, module: Any, *args: Any) -> None:
+        wall, cpu = time.perf_counter() - self._w, time.process_time() - self._p
+        n, b = module.solver.num_inference_steps, len(module.variable)
+        if self.picard is None:
+            row = {"sweeps": 0, "rounds": n, "evaluations": n * b, "warm": 0}
+        else:
+            last = self.picard.last
+            row = {"sweeps": last.sweeps, "rounds": last.rounds, "evaluations": last.evaluations, "warm": last.warm}
+        row = {"variant": self.label, "step": trainer.global_step, **row, "wall_s": round(wall, 3),
+               "process_s": round(cpu, 3)}
+        self.rows.append(row)
+        self.sink.write(json.dumps(row) + "\n")
+        self.sink.flush()
+
+
+def _no_results() -> Callback:
+    from sdo_lightning.callbacks import LatentResults
+
+    class NoResults(LatentResults):
+        def on_fit_end(self, trainer: Trainer, pl_module: Any) -> None:
+            pass
+
+    return NoResults()
+
+
+@torch.no_grad()
+def score(module: Any, datamodule: Any) -> dict[str, float]:
+    from sdo_lightning import progress
+    from sdo_lightning.digits import WEIGHTS_DIR, DigitClassifier
+    from sdo_lightning.digits.judge import DigitsJudge
+
+    images = module.best_images
+    batch = datamodule.full_batch(module.device)
+    every = torch.arange(len(images), device=images.device)
+    with progress.global_rng_unchanged():
+        torch.manual_seed(RESCORE_SEED)  # the same augmentation draws for every variant
+        latent = module.trajectory_inputs(every)[0]
+        objective = module.objective(images, module.objective_batch(batch, every, latent)).mean().item()
+    classifier = DigitClassifier.from_pretrained(WEIGHTS_DIR / "classifier").eval()
+    judge = DigitsJudge(image_size=16)
+    return {"objective": round(objective, 4),
+            "p7": round(classifier(images).softmax(-1)[:, 7].mean().item(), 3),
+            "judge_7": round((judge.probabilities(images).argmax(-1) == 7).double().mean().item(), 3)}
+
+
+def sampling_pass(module: Any) -> dict[str, float]:
+    """One no-grad sequential sampling pass of the module's samples (its current variable)."""
+    from sdo_lightning.sampling import sample
+
+    every = torch.arange(len(module.variable))
+    x, cond = module.trajectory_inputs(every)
+    with torch.no_grad():
+        w, p = time.perf_counter(), time.process_time()
+        sample(module.backbone.denoise, module.solver, x, cond, scheduler_config=module.backbone.scheduler_config)
+        return {"wall_s": round(time.perf_counter() - w, 3), "process_s": round(time.process_time() - p, 3)}
+
+
+def _unwrap_in_solver_check() -> None:
+    """Until module_base.check_solver_fits_backbone unwraps a Picard solver itself, check the
+    wrapped solver (Picard(FlowMatchEuler) on the flow model is refused otherwise)."""
+    import sdo_lightning.latent_optimization as module
+    from sdo_lightning.picard import Picard
+
+    check = module.check_solver_fits_backbone
+    if getattr(check, "_unwraps", False):
+        return
+
+    def unwrapping(solver: Any, backbone: Any) -> None:
+        check(Picard.unwrap(solver), backbone)
+
+    unwrapping._unwraps = True
+    module.check_solver_fits_backbone = unwrapping
+
+
+def run(model: str, variant: str, steps: int, args: argparse.Namespace, sink: Any) -> dict[str, Any]:
+    from sdo_lightning.picard import Picard
+
+    torch.manual_seed(0)
+    module, data = build(model)
+    _unwrap_in_solver_check()
+    picard = None
+    if variant != "sequential":
+        picard = Picard(module.solver, tolerance=args.tolerance, window=args.window, warm_start=variant == "warm")
+        module.solver = picard
+    record = Record(picard, sink, f"{model}/{variant}")
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
+                          callbacks=[record, _no_results()])
+        trainer.fit(module, datamodule=data)
+    out = {"model": model, "variant": variant, "optimizer_steps": steps, "rows": record.rows, **score(module, data)}
+    out["best_images"] = module.best_images.detach().clone()
+    if variant == "sequential":
+        out["sampling_pass"] = sampling_pass(module)
+    return out
+
+
+def summarize(result: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, Any]:
+    rows = result["rows"]
+    later = rows  # every step (the first warm step starts from the prepared samples)
+
+    def mean(key: str, of: list[dict[str, Any]]) -> float:
+        return sum(r[key] for r in of) / len(of)
+
+    out = {"model": result["model"], "variant": result["variant"], "steps": len(rows),
+           "sweeps": round(mean("sweeps", later), 2), "rounds": round(mean("rounds", later), 2),
+           "evaluations": round(mean("evaluations", later)), "wall_s": round(mean("wall_s", later), 2),
+           "process_s": round(mean("process_s", later), 2), "objective": result["objective"], "p7": result["p7"],
+           "judge_7": result["judge_7"]}
+    if reference is not None and reference is not result:
+        diff = (result["best_images"] - reference["best_images"]).abs()
+        out["image_diff_vs_sequential"] = f"{float(diff.mean()):.4f} / {float(diff.max()):.3f}"
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["ddpm", "flow"], choices=list(CONFIGS))
+    parser.add_argument("--variants", nargs="+", default=["sequential", "warm", "cold"],
+                        choices=["sequential", "warm", "cold"])
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps of the sequential and warm runs")
+    parser.add_argument("--cold-steps", type=int, default=10, help="optimizer steps of the cold runs (each costs the same)")
+    parser.add_argument("--tolerance", type=float, default=0.1)
+    parser.add_argument("--window", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=None, help="write the summary and every step as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    summaries, results = [], []
+    sink = open(args.out + ".steps.jsonl", "a") if args.out else open(os.devnull, "w")
+    for model in args.models:
+        reference = None
+        for variant in args.variants:
+            steps = args.cold_steps if variant == "cold" else args.steps
+            log(f"{model}/{variant}: {steps} optimizer steps")
+            result = run(model, variant, steps, args, sink)
+            if variant == "sequential":
+                reference = result
+            results.append(result)
+            summaries.append(summarize(result, reference if reference and reference["optimizer_steps"] == steps else None))
+            if "sampling_pass" in result:
+                summaries[-1]["sampling_pass_wall_s"] = result["sampling_pass"]["wall_s"]
+                summaries[-1]["sampling_pass_process_s"] = result["sampling_pass"]["process_s"]
+            log(json.dumps(summaries[-1]))
+    sink.close()
+    keys = ["model", "variant", "steps", "sweeps", "rounds", "evaluations", "wall_s", "process_s", "objective", "p7",
+            "judge_7", "image_diff_vs_sequential"]
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for row in summaries:
+        print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    if args.out:
+        clean = [{k: v for k, v in r.items() if k != "best_images"} for r in results]
+        Path(args.out).write_text(json.dumps({"args": vars(args), "summary": summaries, "runs": clean}, indent=1))
+    return summaries
+
+
+if __name__ == "__main__":
+    main()
