@@ -306,6 +306,13 @@ class SampleMetrics(nn.Module):
                 out["fid"] = float(self.fid.compute())
                 # KID draws random subsets: from a fixed seed, leaving the global generators alone
                 self.kid.subset_size = min(self.kid_subset_size, n)
+                # KID keeps a list of feature batches that its sync gathers one by one (no
+                # reduction): processes with different batch counts would pair up the wrong
+                # gathers. One tensor per process, gathered once, whatever its length.
+                for name in ("real_features", "fake_features"):
+                    rows = getattr(self.kid, name)
+                    if isinstance(rows, list) and len(rows) > 1:
+                        setattr(self.kid, name, [torch.cat(rows)])
                 with global_rng_unchanged():
                     torch.manual_seed(0)
                     out["kid"] = float(self.kid.compute()[0])

@@ -347,3 +347,40 @@ def test_clip_score_is_100_times_the_clipped_cosine_of_the_saved_clip(tmp_path):
     assert metrics.compute()["clip_score"] == pytest.approx(float((100 * cos.clamp(min=0)).mean()), rel=1e-4)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_clip_score(str(tmp_path / "none"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
+def test_validation_on_two_processes_equals_one(tiny_digits_dir, tmp_path, monkeypatch):
+    """DDP (gloo, forked): shards of 3 and 2 rows, in 2 and 1 batches; every synced number equals
+    the 1-process run's (KID too, whose per-batch feature lists are gathered as one tensor)."""
+    import socket
+
+    from lightning.pytorch import Trainer
+
+    from sdo_lightning.backbones import DigitsBackbone
+    from sdo_lightning.data import SampleSet
+    from sdo_lightning.metrics import Evaluation
+    from sdo_lightning.objectives import ClassifierObjective
+    from sdo_lightning.reward_finetuning import RewardFineTuning
+    from sdo_lightning.solvers import DDIM
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    results = []
+    for kw in (dict(devices=1), dict(devices=2, strategy="ddp_fork")):
+        torch.manual_seed(0)
+        module = RewardFineTuning(ClassifierObjective(str(tiny_digits_dir / "classifier"), 7),
+                                  DigitsBackbone(tiny_digits_dir), DDIM(3),
+                                  evaluation=Evaluation(str(tiny_digits_dir / "classifier")))
+        with torch.no_grad():
+            for p in module.lora_params:
+                p.normal_(0, 0.3)  # an adapter that changes the samples
+        out = tmp_path / str(kw["devices"])
+        Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                default_root_dir=out, **kw).validate(module, SampleSet(num_samples=2, eval_samples=5, eval_batch_size=2))
+        results.append(json.loads((out / "val_metrics.json").read_text()))
+    assert results[0].keys() == results[1].keys() and "kid" in results[0]
+    for key, value in results[0].items():
+        assert results[1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
