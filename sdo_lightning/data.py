@@ -174,6 +174,8 @@ class _DataModule(LightningDataModule):
 
     eval_rows: dict[str, Any] | None = None
     eval_batch_size: int = 16
+    #: the options that set the evaluation rows' conditions, for the messages
+    eval_condition_options = "--data.eval_class_label / --data.eval_prompt"
 
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -192,8 +194,8 @@ class _DataModule(LightningDataModule):
                 return []  # fit without an evaluation set: no validation
             command = {"val": "validate", "test": "test", "predict": "predict"}[what]
             raise ValueError(f"sdo {command} needs an evaluation set, and {type(self).__name__} has none: set "
-                             "--data.eval_samples N (with --data.eval_class_label / --data.eval_prompts for the "
-                             "conditions and --data.eval_seed for the first seed).")
+                             f"--data.eval_samples N (with {self.eval_condition_options} for the conditions and "
+                             "--data.eval_seed for the first seed).")
         rank, world_size = _rank_and_world(trainer)
         dataset = _EvalBatches(self.eval_rows, self.eval_batch_size, rank, world_size)
         # a generator of its own: a DataLoader draws its base seed at every iteration, and from the
@@ -332,6 +334,8 @@ class PromptSet(_DataModule):
             ``eval_seed + i``.
         eval_batch_size: evaluation rows per batch.
     """
+
+    eval_condition_options = "--data.eval_prompts"
 
     def __init__(
         self,
