@@ -244,3 +244,33 @@ def test_latent_optimization_warm_starts_from_its_previous_step(tiny_digits_dir,
     want, _ = fit(DDIM(8))
     assert warm == [2, 2, 2]
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_reward_finetuning_with_picard_trains_the_adapters_as_sequential_sampling(tiny_digits_dir, tmp_path):
+    """RewardFineTuning as it is (adapters folded for the no-graph calls, one kept call drawn per
+    step): with Picard the adapters after two steps are those of sequential sampling. Its samples
+    are new every step (seeds per step), so nothing starts warm."""
+    from lightning.pytorch import Trainer
+
+    from sdo_lightning.data import SampleSet
+    from sdo_lightning.reward_finetuning import RewardFineTuning
+
+    def fit(solver):
+        torch.manual_seed(0)  # the adapters' initialization
+        module = RewardFineTuning(objective=_Brightness(), backbone=DigitsBackbone(tiny_digits_dir), solver=solver,
+                                  lr=0.05, evaluation=None)
+        warm = []
+        if isinstance(solver, Picard):
+            module.on_train_batch_end = lambda *args: warm.append(solver.last.warm)
+        trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
+        trainer.fit(module, datamodule=SampleSet(num_samples=2))
+        return [p.detach().clone() for p in module.lora_params], warm
+
+    got, warm = fit(Picard(DDIM(6), tolerance=1e-4))
+    want, _ = fit(DDIM(6))
+    assert warm == [0, 0]
+    assert any(float(w.abs().max()) > 0 for w in want)
+    # Adam moves every weight by about lr = 0.05 per step: agreement to 1% of that
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-2, atol=5e-4)
