@@ -218,6 +218,37 @@ def summarize(result: dict[str, Any], reference: dict[str, Any] | None) -> dict[
     return out
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Sequential rounds of network calls per optimizer step, one panel per model (PIL)."""
+    from PIL import Image, ImageDraw
+
+    models = sorted({r["variant"].split("/")[0] for r in rows})
+    colors = {"sequential": (90, 90, 90), "warm": (200, 60, 40), "cold": (40, 90, 200)}
+    width, height, pad = 420, 300, 48
+    image = Image.new("RGB", (width * len(models), height), "white")
+    draw = ImageDraw.Draw(image)
+    top = max(r["rounds"] for r in rows) * 1.1
+    for k, model in enumerate(models):
+        x0 = k * width
+        steps = max(r["step"] for r in rows if r["variant"].startswith(model + "/"))
+
+        def xy(step: float, value: float) -> tuple[float, float]:
+            return (x0 + pad + (step - 1) / max(steps - 1, 1) * (width - 2 * pad),
+                    height - pad - value / top * (height - 2 * pad))
+
+        draw.rectangle([x0 + pad, pad, x0 + width - pad, height - pad], outline=(0, 0, 0))
+        draw.text((x0 + pad, 12), f"{model}: sequential rounds per optimizer step", fill=(0, 0, 0))
+        for value in (0, 10, 20, 30, 40, 50):
+            draw.text((x0 + 14, xy(1, value)[1] - 6), str(value), fill=(0, 0, 0))
+        draw.text((x0 + width // 2 - 40, height - 30), f"optimizer step (1-{steps})", fill=(0, 0, 0))
+        for j, (variant, color) in enumerate(colors.items()):
+            points = [xy(r["step"], r["rounds"]) for r in rows if r["variant"] == f"{model}/{variant}"]
+            if len(points) > 1:
+                draw.line(points, fill=color, width=2)
+            draw.text((x0 + width - pad - 70, pad + 6 + 14 * j), variant, fill=color)
+    image.save(path)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["ddpm", "flow"], choices=list(CONFIGS))
@@ -231,6 +262,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--interleave", action="store_true",
                         help="after each Picard step also time a sampling pass and a sequential SDO gradient")
     parser.add_argument("--out", default=None, help="write the summary and every step as JSON here")
+    parser.add_argument("--plot", default=None, help="draw the rounds per step into this PNG")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -260,6 +292,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print("|" + "---|" * len(keys))
     for row in summaries:
         print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    if args.plot:
+        plot([row for r in results for row in r["rows"]], Path(args.plot))
     if args.out:
         clean = [{k: v for k, v in r.items() if k != "best_images"} for r in results]
         Path(args.out).write_text(json.dumps({"args": vars(args), "summary": summaries, "runs": clean}, indent=1))
