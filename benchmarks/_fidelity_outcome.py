@@ -2,8 +2,10 @@
 
 Each run is an in-process ``sdo fit`` (``sdo_lightning.cli.main(..., run=False)`` then
 ``trainer.fit``) of configs/quickstart.yaml (latent x_T, 50 Adam steps) or of
-configs/digits/finetune_lora.yaml (LoRA, shortened, with the paper's gradient clipping 1.0),
-with the gradient mode, seed and step count overridden. Recorded per run:
+configs/digits/finetune_lora.yaml (LoRA, shortened to 100 steps, with the paper's gradient
+clipping 1.0), with the gradient mode, seed and step count overridden. Both are read from frozen
+copies beside this file (``_fidelity_quickstart.yaml``, ``_fidelity_lora.yaml``), so later edits
+of the shipped configs (validation loops, held-out judges) do not change what is measured. Recorded per run:
 
 * the objective reached (latent: mean best loss of the 16 samples; LoRA: the classifier's
   -log p(7) on 64 fresh samples of the fine-tuned model, noise never used in training);
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 TARGET = 7
 
 #: gradient mode label -> CLI overrides
@@ -96,7 +98,7 @@ def _fit(config: Path, overrides: list[str]) -> tuple[Any, _Meter, float, float]
 
 def latent_run(mode: str, seed: int, the_judge: Any, steps: int = 50) -> dict[str, Any]:
     """One quickstart run (x_T, 16 samples, 50-step DDIM) with gradient mode ``mode``."""
-    module, meter, wall, cpu = _fit(ROOT / "configs" / "quickstart.yaml",
+    module, meter, wall, cpu = _fit(HERE / "_fidelity_quickstart.yaml",
                                     [*LATENT_MODES[mode], "--seed_everything", str(seed), "--model.seed", str(seed),
                                      "--trainer.max_steps", str(steps)])
     images = module.best_images.detach().cpu()
@@ -127,7 +129,7 @@ def lora_run(mode: str, seed: int, the_judge: Any, steps: int = 100, clip: float
                  "--trainer.max_steps", str(steps)]
     if clip is not None:
         overrides += ["--trainer.gradient_clip_val", str(clip)]
-    module, meter, wall, cpu = _fit(ROOT / "configs" / "digits" / "finetune_lora.yaml", overrides)
+    module, meter, wall, cpu = _fit(HERE / "_fidelity_lora.yaml", overrides)
     images = lora_samples(module)
     with torch.no_grad():
         log_probs = module.objective.classifier(images).log_softmax(-1)[:, TARGET]
@@ -172,13 +174,15 @@ def run_all(task: str, modes: list[str], seeds: list[int], out: Path, steps: int
     return rows
 
 
-if __name__ == "__main__":  # python benchmarks/_fidelity_outcome.py latent|lora OUT.json [steps]
-    import sys
+if __name__ == "__main__":  # one worker: python benchmarks/_fidelity_outcome.py latent|lora OUT.json [--modes ...] [--seeds ...]
+    import argparse
 
+    parser = argparse.ArgumentParser()
+    parser.add_argument("task", choices=["latent", "lora"])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--modes", nargs="+")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    task, out = sys.argv[1], Path(sys.argv[2])
-    steps = int(sys.argv[3]) if len(sys.argv) > 3 else None
-    modes = list(LATENT_MODES if task == "latent" else LORA_MODES)
-    if task == "lora" and len(sys.argv) > 4:
-        modes = sys.argv[4].split(",")
-    run_all(task, modes, [0, 1, 2], out, steps)
+    modes = args.modes or list(LATENT_MODES if args.task == "latent" else LORA_MODES)
+    run_all(args.task, modes, args.seeds, args.out)

@@ -276,7 +276,10 @@ def tables(data: dict[str, Any]) -> str:
 
 
 def figures(data: dict[str, Any], folder: Path = DOCS) -> list[Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("the figures need matplotlib: pip install matplotlib (or pass --no-figures).") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -470,10 +473,10 @@ def outcome_tables(out: Path) -> str:
     lines = []
     for task, title in (("latent", "Latent x_T: configs/quickstart.yaml, 50 Adam steps, 16 samples"),
                         ("lora", "LoRA: configs/digits/finetune_lora.yaml, 100 steps, gradient_clip_val 1.0, judged on 64 fresh samples")):
-        path = out / f"outcome_{task}.json"
-        if not path.is_file():
+        files = sorted(out.glob(f"outcome_{task}*.json"))  # runs may be split over several workers' files
+        if not files:
             continue
-        rows = json.loads(path.read_text())
+        rows = list({(r["mode"], r["seed"]): r for f in files for r in json.loads(f.read_text())}.values())
         modes = list(dict.fromkeys(r["mode"] for r in rows))
         keys = ["objective", "target_prob", "judge_target", "wall_s", "cpu_s", "saved_bytes"]
         if task == "lora":
