@@ -47,7 +47,8 @@ class GradientDiagnostics(Callback):
     * ``diagnostics/cosine_to_exact``: cosine between the gradient of the module's gradient mode
       and the exact gradient (``FullBackprop(checkpoint=True)``), on the same noise;
     * ``diagnostics/norm_ratio_to_exact``: mode gradient norm / exact gradient norm (for SDO on
-      parameters the single-call estimate is not multiplied by N, so expect about 1/N);
+      parameters with the default ``scale: paper`` the single-call estimate is not multiplied by
+      N, so expect about 1/N; ``scale: unbiased`` multiplies it by N);
     * ``diagnostics/grad_norm_depth_{d}``: gradient norm with backprop depth ``d``. Parameter
       targets: ``TruncatedBackprop(k=d)`` (the last d calls). Latent targets: the first d calls
       that read the latent keep their graph, nothing is detached (d=1 is SDO, d=N is exact).
@@ -55,7 +56,9 @@ class GradientDiagnostics(Callback):
     * ``diagnostics/picard_lambda``: an estimate of the Picard contraction constant lambda of
       Theorem 4.1 (see :func:`picard_contraction`): one Picard sweep started from the trajectory
       stored at the previous diagnosis (DDIM with eta 0 only; from the second diagnosis on).
-      The smaller lambda, the closer SDO's gradient is to the exact one.
+      Theorem 4.1 bounds SDO's error by lambda^2 / (1 - lambda) times the objective's gradient
+      norm, which is vacuous above lambda ~0.62; on the digits models lambda did not track the
+      cosine (0.69-0.95 trained, 0.37-0.92 random with cosine 0.99; see docs/science.md).
     * ``diagnostics/seconds``: wall time of the diagnosis.
 
     Cost: each diagnosis costs about one exact (checkpointed, so one more forward pass per call)
