@@ -287,8 +287,8 @@ class Picard(Solver):
         if bar is not None:
             bar.close()
         stats.rounds = stats.sweeps
-        for field in ("sweeps", "rounds", "evaluations", "warm", "samples", "steps"):
-            setattr(self.total, field, getattr(self.total, field) + getattr(stats, field))
+        for name in ("sweeps", "rounds", "evaluations", "warm", "samples", "steps"):
+            setattr(self.total, name, getattr(self.total, name) + getattr(stats, name))
         self._remember(outputs, generator, timesteps, batch)
         return outputs
 
