@@ -274,3 +274,25 @@ def test_reward_finetuning_with_picard_trains_the_adapters_as_sequential_samplin
     # Adam moves every weight by about lr = 0.05 per step: agreement to 1% of that
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-2, atol=5e-4)
+
+
+@torch.no_grad()
+def test_guided_backbones_take_one_timestep_per_row(tmp_path, tiny_digits_dir):
+    """Classifier-free guidance doubles the batch inside the denoiser: the pixel and Stable
+    Diffusion backbones repeat the per-row timesteps of a sweep the same way (prompt embeddings
+    repeated by TextCondition's rows)."""
+    from sdo_lightning.backbones import StableDiffusionBackbone
+
+    from tiny_models import build_tiny_sd
+
+    sd = StableDiffusionBackbone(str(build_tiny_sd(tmp_path / "sd")), guidance_scale=2.0)
+    digits = DigitsBackbone(str(tiny_digits_dir), guidance_scale=2.0)
+    cases = [(sd, sd.encode_condition({"prompt": ["a cat", "a dog", "a red car"]})),
+             (digits, digits.encode_condition({"index": torch.arange(B), "class_label": torch.tensor([3, 7, 1])}))]
+    for backbone, cond in cases:
+        x = torch.randn(B, *backbone.latent_shape, generator=torch.Generator().manual_seed(7))
+        ref = reference("ddim", backbone, x, cond)
+        picard = Picard(DDIM(N), tolerance=1e-3, window=6)
+        _, steps = trajectory(backbone, picard, x, cond)
+        assert picard.last.sweeps < N
+        assert max(_rms(a, r) for a, r in zip(steps, ref)) <= 1e-3
