@@ -156,29 +156,11 @@ def sampling_pass(module: Any) -> dict[str, float]:
         return {"wall_s": round(time.perf_counter() - w, 3), "process_s": round(time.process_time() - p, 3)}
 
 
-def _unwrap_in_solver_check() -> None:
-    """Until module_base.check_solver_fits_backbone unwraps a Picard solver itself, check the
-    wrapped solver (Picard(FlowMatchEuler) on the flow model is refused otherwise)."""
-    import sdo_lightning.latent_optimization as module
-    from sdo_lightning.picard import Picard
-
-    check = module.check_solver_fits_backbone
-    if getattr(check, "_unwraps", False):
-        return
-
-    def unwrapping(solver: Any, backbone: Any) -> None:
-        check(Picard.unwrap(solver), backbone)
-
-    unwrapping._unwraps = True
-    module.check_solver_fits_backbone = unwrapping
-
-
 def run(model: str, variant: str, steps: int, args: argparse.Namespace, sink: Any) -> dict[str, Any]:
     from sdo_lightning.picard import Picard
 
     torch.manual_seed(0)
     module, data = build(model)
-    _unwrap_in_solver_check()
     picard = None
     if variant != "sequential":
         picard = Picard(module.solver, tolerance=args.tolerance, window=args.window, warm_start=variant == "warm")

@@ -5,6 +5,7 @@ The public plugin contracts are :class:`Objective`, :class:`Solver` and :class:`
 """
 
 from sdo_lightning.contracts import GradientMode, GradientPlan, Objective, Solver, SolverState, Target
+from sdo_lightning.picard import Picard, PicardStats
 from sdo_lightning.sampling import Denoiser, Step, StepCallback, sample
 
 __version__ = "0.1.0"
@@ -14,6 +15,8 @@ __all__ = [
     "GradientMode",
     "GradientPlan",
     "Objective",
+    "Picard",
+    "PicardStats",
     "Solver",
     "SolverState",
     "Step",

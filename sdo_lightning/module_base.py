@@ -25,8 +25,10 @@ class NonFiniteError(FloatingPointError):
 def check_solver_fits_backbone(solver: Solver, backbone: Backbone) -> None:
     """Refuse a flow solver on a diffusion model and the other way round; warn when an LCM solver
     meets a model that is not LCM-distilled, or the other way round."""
+    from sdo_lightning.picard import Picard
     from sdo_lightning.solvers import FlowMatchEuler, LCMMultistep
 
+    solver = Picard.unwrap(solver)  # Picard samples with the solver it wraps
     flow_solver = isinstance(solver, FlowMatchEuler)
     if flow_solver != backbone.flow_matching:
         model = "a rectified-flow model (velocity)" if backbone.flow_matching else "a diffusion model (noise prediction)"

@@ -28,9 +28,9 @@ class TinyDenoiser(nn.Module):
 
     def forward(self, x, t, cond=None):
         self.entered += 1
-        tt = torch.as_tensor(t, dtype=x.dtype).reshape(1) / 1000.0
-        emb = self.time(torch.cat([torch.sin(tt * math.pi), torch.cos(tt * math.pi)]))
-        h = torch.tanh(self.conv1(x) + emb[None, :, None, None])
+        tt = torch.as_tensor(t, dtype=x.dtype).reshape(-1, 1) / 1000.0  # one timestep, or one per row
+        emb = self.time(torch.cat([torch.sin(tt * math.pi), torch.cos(tt * math.pi)], dim=1))
+        h = torch.tanh(self.conv1(x) + emb[:, :, None, None])
         out = self.conv2(h) + 0.5 * x
         self.calls.append(out.requires_grad)
         return out
