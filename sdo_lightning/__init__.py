@@ -7,20 +7,24 @@ The public plugin contracts are :class:`Objective`, :class:`Solver` and :class:`
 from sdo_lightning.contracts import GradientMode, GradientPlan, Objective, Solver, SolverState, Target
 from sdo_lightning.picard import Picard, PicardStats
 from sdo_lightning.sampling import Denoiser, Step, StepCallback, sample
+from sdo_lightning.search import BestOfN, SearchMode, ZeroOrder
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BestOfN",
     "Denoiser",
     "GradientMode",
     "GradientPlan",
     "Objective",
     "Picard",
     "PicardStats",
+    "SearchMode",
     "Solver",
     "SolverState",
     "Step",
     "StepCallback",
     "Target",
+    "ZeroOrder",
     "sample",
 ]

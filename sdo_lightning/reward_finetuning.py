@@ -89,6 +89,10 @@ class RewardFineTuning(OptimizationModule):
         adapter: str | None = None,
     ) -> None:
         super().__init__(seed, on_nonfinite)
+        from sdo_lightning.search import SearchMode
+
+        if isinstance(gradient_mode, SearchMode):
+            raise ValueError(gradient_mode.refusal())
         self.objective = objective
         self.backbone = backbone
         self.solver = solver

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from sdo_lightning.digits.classifier import DigitClassifier
 from sdo_lightning.digits.data import load_digits_images
+from sdo_lightning.digits.judge import DigitsJudge
 
 WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "weights"
 #: the rectified-flow UNet of the same data (``unet/``, ``scheduler/``: a FlowMatchEulerDiscreteScheduler
 #: config); the classifier under WEIGHTS_DIR scores it too
 FLOW_WEIGHTS_DIR: Path = Path(__file__).resolve().parent / "flow_weights"
 
-__all__ = ["DigitClassifier", "FLOW_WEIGHTS_DIR", "WEIGHTS_DIR", "load_digits_images"]
+__all__ = ["DigitClassifier", "DigitsJudge", "FLOW_WEIGHTS_DIR", "WEIGHTS_DIR", "load_digits_images"]
