@@ -17,6 +17,7 @@ from sdo_lightning.callbacks import LatentResults
 from sdo_lightning.contracts import GradientMode, Objective, Solver, Target
 from sdo_lightning.data import batch_rows, shard
 from sdo_lightning.gradient_modes import ShortcutGradient
+from sdo_lightning.metrics import Evaluation
 from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
 from sdo_lightning.sampling import sample
 from sdo_lightning.search import SearchMode
@@ -70,6 +71,10 @@ class LatentOptimization(OptimizationModule):
             undone, so it changes nothing of the optimization) and reported in ``summary.json``
             under ``held_out``, to see reward hacking (the optimized objective improving while
             this one does not).
+        evaluation: what validation (during fit: ``trainer.val_check_interval``), ``sdo validate``
+            / ``sdo test`` and ``sdo predict`` compute on the data module's evaluation rows
+            (``data.eval_samples``); here row ``i`` is optimized sample ``i`` as the variable makes
+            it now, its reference the unoptimized sample.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class LatentOptimization(OptimizationModule):
         seed: int = 0,
         on_nonfinite: Literal["skip", "stop"] = "skip",
         held_out_objective: Objective | None = None,
+        evaluation: Evaluation | None = lazy_instance(Evaluation),
     ) -> None:
         super().__init__(seed, on_nonfinite)
         self.target = as_target(target)
@@ -97,6 +103,7 @@ class LatentOptimization(OptimizationModule):
             warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
         self.objective = objective
         self.held_out_objective = held_out_objective
+        self.evaluation = evaluation
         self.backbone = backbone
         self.solver = solver
         self.gradient_mode = gradient_mode
@@ -314,9 +321,37 @@ class LatentOptimization(OptimizationModule):
 
     def configure_callbacks(self) -> list[Callback]:
         # the results writer, unless the trainer was given one (with its own options)
+        extra = self.evaluation_callbacks()
         if any(isinstance(cb, LatentResults) for cb in self.trainer.callbacks):
-            return []
-        return [LatentResults()]
+            return extra
+        return [LatentResults(), *extra]
+
+    # -- evaluation rows: the optimized samples themselves ------------------------------------------
+    def _eval_index(self, batch: dict[str, Any]) -> Tensor:
+        index = batch["index"].to(self.variable.device)
+        n = len(self.variable)
+        if len(index) and int(index.max()) >= n:
+            raise ValueError(f"the evaluation rows are the optimized samples, and there are {n}: set data.eval_samples "
+                             f"to at most {n} (data.num_samples).")
+        return index
+
+    def generate_for_eval(self, batch: dict[str, Any]) -> Tensor:
+        """The optimized samples ``batch["index"]`` as the variable makes them now (no graph)."""
+        return self._generate(self._eval_index(batch), grad=False).float()
+
+    def generate_reference(self, batch: dict[str, Any]) -> Tensor:
+        """The unoptimized samples of the same rows."""
+        return self.initial_images[self._eval_index(batch)].float()
+
+    def eval_batch(self, batch: dict[str, Any], images: Tensor, reference: Tensor | None) -> dict[str, Any]:
+        index = self._eval_index(batch)
+        return self.objective_batch(batch, index, self.trajectory_inputs(index)[0])
+
+    def on_fit_end(self) -> None:
+        self.log_hparams_with_metrics({"lr": self.lr, "objective": type(self.objective).__name__,
+                                       "target": type(self.target).__name__,
+                                       "gradient_mode": type(self.gradient_mode).__name__,
+                                       "solver": type(self.solver).__name__, "seed": self.seed})
 
     def is_trainable_key(self, key: str) -> bool:
         return not key.startswith(("backbone.", "objective.", "held_out_objective."))

@@ -216,3 +216,41 @@ def test_x_t_prefix_and_optimized_chain_draw_different_noise(tiny_digits_dir, tm
     assert cosine.abs().max() < 0.5  # independent 64-dim normals: |cos| ~ 0.12
     # every optimized chain replays its own stream, so the objective is a fixed function of x_t
     torch.testing.assert_close(solver.drawn[3], solver.drawn[10], rtol=0, atol=0)
+
+
+def test_latent_optimization_validates_during_fit_and_predicts_its_optimized_samples(tiny_weights, tmp_path,
+                                                                                     monkeypatch):
+    """The quickstart, shortened on a tiny model, validated every step on its 3 samples: val/ scalars
+    in TensorBoard; ``sdo predict --ckpt_path last`` then writes the optimized samples as a DDIM loop
+    by hand (diffusers' scheduler, the checkpoint's x_T) gives them, and the unoptimized ones as the base."""
+    import numpy as np
+    from diffusers import DDIMScheduler, UNet2DModel
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sdo_lightning.checkpoint_io import read_checkpoint
+    from sdo_lightning.cli import main
+    from test_cli import ROOT
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--data.num_samples", "3",
+            "--data.eval_samples", "3", "--model.solver.num_inference_steps", "3",
+            "--model.held_out_objective", "null", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    main(["fit", *args, "--trainer.max_steps", "2", "--trainer.val_check_interval", "1"])
+    fit_dir = next((tmp_path / "runs").rglob("summary.json")).parent
+    scalars = set(EventAccumulator(str(fit_dir)).Reload().Tags()["scalars"])
+    assert {"val/reward", "val/diversity"} <= scalars, scalars
+
+    main(["predict", *args, "--ckpt_path", "last"])
+    predicted = np.load(next((tmp_path / "runs").rglob("predictions.npz")))
+    np.testing.assert_allclose(predicted["base"], np.load(fit_dir / "samples.npz")["before"], atol=1e-6)
+
+    x = read_checkpoint(next(fit_dir.rglob("*.ckpt")))["state_dict"]["variable"].float()
+    unet = UNet2DModel.from_pretrained(tiny_weights / "unet")
+    scheduler = DDIMScheduler.from_pretrained(tiny_weights / "scheduler", clip_sample=False)
+    scheduler.set_timesteps(3)
+    labels = torch.full((len(x),), 10)  # unconditional: the null class
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, eta=0.0).prev_sample
+    np.testing.assert_allclose(predicted["images"], ((x + 1) / 2).clamp(0, 1).numpy(), atol=1e-5)
