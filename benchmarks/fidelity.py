@@ -1,9 +1,15 @@
 """Gradient fidelity of every gradient mode, the outcome it buys, and why they differ (issue 15).
 
-    python benchmarks/fidelity.py            # the grid, the run states, the experiments (~15 min, 2 CPU cores)
-    python benchmarks/fidelity.py --quick    # a small grid (1-2 minutes), same outputs
-    python benchmarks/fidelity.py --stages outcome   # the outcome runs (3 seeds; ~1 h on a shared 2-core CPU)
-    python benchmarks/fidelity.py --tables-only   # rebuild tables and figures from the saved JSON
+    python benchmarks/fidelity.py                    # grid, run states, experiments: ~8 min of CPU
+    python benchmarks/fidelity.py --quick            # a small grid (~1 min of CPU), written beside the JSON
+    python benchmarks/fidelity.py --stages outcome   # the 3-seed outcome runs (~37 min of CPU)
+    python benchmarks/fidelity.py --tables-only      # rebuild tables and figures from the saved JSON
+
+Measured (single-threaded, on a 2-core CPU shared with three other engineers' jobs and this
+benchmark's own outcome workers): grid 188 s CPU / 902 s wall, run states 138 / 697, experiments
+171 / 1035; an idle machine runs each stage in about its CPU time. Cut to fit: 4 samples per
+gradient, LCM only at 1-5 steps, x_t only for N >= 4, Picard lambda only for DDIM, LoRA at its
+start (B = 0), the run states for x_T only.
 
 Fidelity: the cosine and norm ratio of each mode's gradient to the exact one (``FullBackprop``)
 of the shipped digits classifier's summed -log p(7) (no augmentation, so deterministic), on 4
