@@ -178,8 +178,24 @@ def experiments(quick: bool, batch: int) -> dict[str, Any]:
     return out
 
 
+def skip_vs_sdo(batch: int, steps_list: list[int]) -> list[dict[str, Any]]:
+    """Cosine between SDO's x_T gradient and the skip path alone (DRTune on a latent: no network
+    Jacobian), on the trained models."""
+    from sdo_lightning.gradient_modes import DRTune, ShortcutGradient
+    from sdo_lightning.solvers import DDIM, DPMSolverPlusPlus, FlowMatchEuler
+
+    rows = []
+    for kind, make in (("ddpm", DDIM), ("ddpm", DPMSolverPlusPlus), ("flow", FlowMatchEuler)):
+        backbone = core.load_backbone(kind, True)
+        for steps in steps_list:
+            setting = core.make_setting(backbone, make(steps), batch)
+            sdo, skip = core.latent_grad(setting, ShortcutGradient()), core.latent_grad(setting, DRTune(k=5))
+            rows.append({"model": kind, "solver": make.__name__, "steps": steps, "cos_sdo_skip": core.cosine(sdo, skip)})
+    return rows
+
+
 # -- tables and figures ---------------------------------------------------------------------------------
-STAGES = ["grid", "along_run", "explain", "outcome"]
+STAGES = ["grid", "along_run", "explain", "skip", "outcome"]
 MODE_ORDER = ["SDO", "SDO unbiased", "SDO num_kept=2", "SDO num_kept=4", "Truncated K=1", "Truncated K=2",
               "Truncated K=5", "AlignProp-uniform", "DRTune(k=5)"]
 
@@ -252,6 +268,12 @@ def tables(data: dict[str, Any]) -> str:
                 lines.append(f"| {kind} | {step} | {_fmt(rs['exact'].get('loss', float('nan')))} | "
                              f"{_fmt(rs['SDO']['cos_expect'])} / {_fmt(rs['SDO']['ratio_expect'])} | "
                              f"{_fmt(rs['DRTune(k=5)']['cos_expect'])} / {_fmt(rs['DRTune(k=5)']['ratio_expect'])} | {_fmt(lam)} |")
+        lines.append("")
+    skip = data.get("skip_vs_sdo")
+    if skip:
+        lines += ["## SDO's x_T gradient against the skip path alone (DRTune on a latent), trained models", "",
+                  "| model | solver | N | cosine |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['solver']} | {r['steps']} | {r['cos_sdo_skip']:.4f} |" for r in skip]
         lines.append("")
     ex = data.get("explain")
     if ex:
@@ -413,7 +435,7 @@ def figures(data: dict[str, Any], folder: Path = DOCS) -> list[Path]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small grid (1-2 minutes)")
-    parser.add_argument("--stages", nargs="+", choices=STAGES, default=["grid", "along_run", "explain"],
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=["grid", "along_run", "explain", "skip"],
                         help="what to (re)compute; the others are read from the saved JSON (outcome: the "
                              "3-seed outcome runs, ~1 h on a shared 2-core CPU)")
     parser.add_argument("--tables-only", action="store_true", help="rebuild tables and figures from the saved JSON")
@@ -451,6 +473,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     data["along_run"] += along_run(kind, opt_steps, batch if args.quick else 8, [0, opt_steps // 2])[0]
             elif stage == "explain":
                 data["explain"] = experiments(args.quick, batch)
+            elif stage == "skip":
+                data["skip_vs_sdo"] = skip_vs_sdo(batch, [10] if args.quick else [10, 50])
             elif stage == "outcome":
                 import _fidelity_outcome as outcome
 
