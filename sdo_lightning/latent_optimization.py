@@ -327,6 +327,14 @@ class LatentOptimization(OptimizationModule):
         return [LatentResults(), *extra]
 
     # -- evaluation rows: the optimized samples themselves ------------------------------------------
+    #: what a checkpoint read by validate/test/predict must share: the optimized variable is made of
+    #: the samples (their number, conditions, images), the target and the seed, besides the model
+    base_model_settings = ("model.class_path", "model.init_args.backbone", "model.init_args.target",
+                           "model.init_args.seed", "data.class_path", "data.init_args.num_samples",
+                           "data.init_args.class_label", "data.init_args.prompt", "data.init_args.images",
+                           "data.init_args.null_class")
+    base_model_entries = ("module", "backbone", "base", "seed")
+
     def _eval_index(self, batch: dict[str, Any]) -> Tensor:
         index = batch["index"].to(self.variable.device)
         n = len(self.variable)

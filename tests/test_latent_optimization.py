@@ -222,7 +222,8 @@ def test_latent_optimization_validates_during_fit_and_predicts_its_optimized_sam
                                                                                      monkeypatch):
     """The quickstart, shortened on a tiny model, validated every step on its 3 samples: val/ scalars
     in TensorBoard; ``sdo predict --ckpt_path last`` then writes the optimized samples as a DDIM loop
-    by hand (diffusers' scheduler, the checkpoint's x_T) gives them, and the unoptimized ones as the base."""
+    by hand (diffusers' scheduler, the checkpoint's x_T) gives them, and the unoptimized ones as the base,
+    reading the fit's checkpoint even when a newer run of other samples wrote one since."""
     import numpy as np
     from diffusers import DDIMScheduler, UNet2DModel
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -237,10 +238,12 @@ def test_latent_optimization_validates_during_fit_and_predicts_its_optimized_sam
             "--model.held_out_objective", "null", "--trainer.enable_progress_bar", "false",
             "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
     main(["fit", *args, "--trainer.max_steps", "2", "--trainer.val_check_interval", "1"])
-    fit_dir = next((tmp_path / "runs").rglob("summary.json")).parent
+    fit_dir = next((tmp_path / "runs").rglob("summary.json")).parent  # before the second run writes one
     scalars = set(EventAccumulator(str(fit_dir)).Reload().Tags()["scalars"])
     assert {"val/reward", "val/diversity"} <= scalars, scalars
 
+    # a newer run of other samples: predict's "last" is the newest checkpoint of *these* samples
+    main(["fit", *args, "--data.num_samples", "2", "--data.eval_samples", "2", "--trainer.max_steps", "1"])
     main(["predict", *args, "--ckpt_path", "last"])
     predicted = np.load(next((tmp_path / "runs").rglob("predictions.npz")))
     np.testing.assert_allclose(predicted["base"], np.load(fit_dir / "samples.npz")["before"], atol=1e-6)
