@@ -19,6 +19,7 @@ from sdo_lightning.data import batch_rows, shard
 from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.metrics import Evaluation
 from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
+from sdo_lightning.picard import Picard
 from sdo_lightning.sampling import sample
 from sdo_lightning.search import SearchMode
 from sdo_lightning.solvers import DDIM
@@ -131,6 +132,8 @@ class LatentOptimization(OptimizationModule):
         device = self.trainer.strategy.root_device
         self.backbone.to(device)
         check_solver_fits_backbone(self.solver, self.backbone)
+        if isinstance(self.solver, Picard):
+            self.solver.forget()  # trajectories of another run in this process must not warm-start this one
         self._prepare(datamodule.full_batch(device), device)
 
     def _gather_rows(self, index: Tensor, rows: Tensor, n: int) -> Tensor:
@@ -319,7 +322,30 @@ class LatentOptimization(OptimizationModule):
             return self.optimizer_factory([self.variable])
         return torch.optim.Adam([self.variable], lr=self.lr)
 
+    def _check_search_trainer(self) -> None:
+        """A search steps without gradients: refuse the trainer settings that need one, in one
+        sentence (Lightning's manual optimization would refuse some with its own error, and a
+        gradient scaler would fail at the first step, having scaled nothing)."""
+        trainer = self.trainer
+        problems = []
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            problems.append(f"precision {trainer.precision} (its gradient scaler)")
+        if trainer.gradient_clip_val:
+            problems.append(f"gradient_clip_val {trainer.gradient_clip_val}")
+        if trainer.accumulate_grad_batches != 1:
+            problems.append(f"accumulate_grad_batches {trainer.accumulate_grad_batches}")
+        if problems:
+            raise ValueError(
+                f"{type(self.gradient_mode).__name__} searches without gradients, so it cannot run with "
+                f"{' or '.join(problems)}: set trainer.precision 32, bf16-mixed or bf16-true, trainer.gradient_clip_val "
+                "null and trainer.accumulate_grad_batches 1."
+            )
+
     def configure_callbacks(self) -> list[Callback]:
+        # Lightning calls this before it checks the trainer against manual optimization: the
+        # search's own refusal comes first
+        if isinstance(self.gradient_mode, SearchMode):
+            self._check_search_trainer()
         # the results writer, unless the trainer was given one (with its own options)
         extra = self.evaluation_callbacks()
         if any(isinstance(cb, LatentResults) for cb in self.trainer.callbacks):
@@ -356,10 +382,11 @@ class LatentOptimization(OptimizationModule):
         return self.objective_batch(batch, index, self.trajectory_inputs(index)[0])
 
     def on_fit_end(self) -> None:
-        self.log_hparams_with_metrics({"lr": self.lr, "objective": type(self.objective).__name__,
+        solver = repr(self.solver) if isinstance(self.solver, Picard) else type(self.solver).__name__
+        self.log_hparams_with_metrics({"lr": self.optimizer_lr(), "objective": type(self.objective).__name__,
                                        "target": type(self.target).__name__,
                                        "gradient_mode": type(self.gradient_mode).__name__,
-                                       "solver": type(self.solver).__name__, "seed": self.seed})
+                                       "solver": solver, "seed": self.seed})
 
     def is_trainable_key(self, key: str) -> bool:
         return not key.startswith(("backbone.", "objective.", "held_out_objective."))

@@ -71,8 +71,8 @@ class SearchMode(GradientMode):
     def refusal(self) -> str:
         """The sentence a module that needs gradients refuses this search with."""
         return (f"{type(self).__name__} searches without gradients, so it plans no network graph: use it as the "
-                "gradient_mode of LatentOptimization only (RewardFineTuning needs ShortcutGradient, FullBackprop or "
-                "TruncatedBackprop).")
+                "gradient_mode of LatentOptimization only (RewardFineTuning needs a gradient mode: ShortcutGradient, "
+                "FullBackprop, TruncatedBackprop or DRTune).")
 
     def plan(self, num_calls: int, target: Target, generator: torch.Generator | None = None) -> GradientPlan:
         raise ValueError(self.refusal())

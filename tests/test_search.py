@@ -158,11 +158,25 @@ def test_a_search_refuses_reward_fine_tuning(mode, tiny_digits_dir, tmp_path):
     name = type(mode).__name__
     with pytest.raises(ValueError, match=rf"^{name} searches without gradients, so it plans no network graph: use it "
                                          r"as the gradient_mode of LatentOptimization only \(RewardFineTuning needs "
-                                         r"ShortcutGradient, FullBackprop or TruncatedBackprop\)\.$"):
+                                         r"a gradient mode: ShortcutGradient, FullBackprop, TruncatedBackprop or DRTune\)\.$"):
         # refused at the first step (plan), or at construction where RewardFineTuning checks
         m = RewardFineTuning(objective=DigitThree(classifier(tiny_digits_dir)), backbone=DigitsBackbone(tiny_digits_dir),
                              solver=DDIM(2), gradient_mode=mode)
         fit(m, tmp_path, steps=1)
+
+
+@pytest.mark.parametrize("setting, words", [({"gradient_clip_val": 0.1}, "gradient_clip_val 0.1"),
+                                            ({"accumulate_grad_batches": 2}, "accumulate_grad_batches 2"),
+                                            ("scaler", "precision 16-mixed")])
+def test_a_search_refuses_trainer_settings_that_need_gradients(setting, words, tiny_digits_dir, tmp_path):
+    if setting == "scaler":  # fp16 with a gradient scaler, as on a GPU (on the CPU 16-mixed has none)
+        from lightning.pytorch.plugins import MixedPrecision
+
+        setting = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+    trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, **setting)
+    with pytest.raises(ValueError, match=rf"^BestOfN searches without gradients, so it cannot run with {words}"):
+        trainer.fit(module(tiny_digits_dir, BestOfN()), datamodule=SampleSet(num_samples=2))
 
 
 @pytest.mark.parametrize("bad, match", [(lambda: BestOfN(candidates=0), "BestOfN candidates must be an integer >= 1"),
