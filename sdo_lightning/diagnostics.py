@@ -185,6 +185,9 @@ def picard_contraction(
     solvers whose step depends on the current state alone (DDIM); returns (nan, x*) otherwise.
     Costs two trajectories of network calls. Returns the estimate and x* (the next guess).
     """
+    from sdo_lightning.picard import Picard
+
+    solver = Picard.unwrap(solver)  # the operator of the wrapped solver's steps
     fixed = trajectory(denoiser, solver, x_start, cond, scheduler_config)
     if type(solver).__name__ != "DDIM" or getattr(solver, "eta", 0.0) != 0.0 or len(guess) != len(fixed):
         return float("nan"), fixed

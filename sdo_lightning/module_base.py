@@ -422,6 +422,15 @@ class OptimizationModule(LightningModule):
             return []
         return [PredictionWriter()]
 
+    def optimizer_lr(self) -> float | None:
+        """The learning rate the optimizer runs with (an ``optimizer:`` factory may set its own),
+        else the module's ``lr``."""
+        trainer = self._trainer
+        optimizers = trainer.optimizers if trainer is not None else []
+        if optimizers and optimizers[0].param_groups:
+            return float(optimizers[0].param_groups[0]["lr"])
+        return getattr(self, "lr", None)
+
     def log_hparams_with_metrics(self, params: dict[str, Any]) -> None:
         """Put ``params`` in TensorBoard's HParams tab beside the last evaluation's numbers
         (``hp/<name>``), or the last training loss when nothing was evaluated."""
@@ -434,4 +443,11 @@ class OptimizationModule(LightningModule):
         if loss is not None:
             metrics["hp/train_loss"] = float(loss)
         clean = {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items()}
-        logger.log_hyperparams(clean, metrics=metrics or None)
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        if isinstance(logger, TensorBoardLogger):  # its HParams tab pairs the settings with the metrics
+            logger.log_hyperparams(clean, metrics=metrics or None)
+        else:  # CSV, W&B, MLflow: log_hyperparams(params) only
+            logger.log_hyperparams(clean)
+            if metrics:
+                logger.log_metrics(metrics, step=self.trainer.global_step)

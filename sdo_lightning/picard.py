@@ -152,6 +152,8 @@ class Picard(Solver):
         new = object.__new__(Picard)
         new.__dict__.update(self.__dict__)
         new.solver = copy.copy(self.solver)
+        # its trajectories (another schedule) and costs are its own
+        new._cache, new.last, new.total = OrderedDict(), PicardStats(), PicardStats()
         return new
 
     def build_scheduler(self, scheduler_config: dict[str, Any] | None = None) -> Any:

@@ -17,6 +17,7 @@ from sdo_lightning.backbones import Backbone, DigitsBackbone
 from sdo_lightning.contracts import GradientMode, Objective, Target
 from sdo_lightning.contracts import Solver
 from sdo_lightning.gradient_modes import ShortcutGradient
+from sdo_lightning.picard import Picard
 from sdo_lightning.callbacks import SampleImages
 from sdo_lightning.metrics import Evaluation
 from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
@@ -304,11 +305,17 @@ class RewardFineTuning(OptimizationModule):
             "held_out_reward": type(self.held_out_objective).__name__ if self.held_out_objective is not None else None,
             "steps": int(self.global_step) if self._trainer is not None else 0,
             "gradient_mode": type(self.gradient_mode).__name__,
-            "solver": type(solver).__name__,
+            "solver": repr(solver) if isinstance(solver, Picard) else type(solver).__name__,
             "solver_steps": getattr(solver, "num_inference_steps", None),
-            "lr": self.lr,
+            "lr": self.optimizer_lr(),
             "seed": self.seed,
         }
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # every step draws new samples: a Picard solver's stored trajectories would never start
+        # one warm again, and would hold one trajectory per sample on the device
+        if isinstance(self.solver, Picard):
+            self.solver.forget()
 
     def export_adapter(self, directory: str | Path | None = None) -> Path | None:
         """Write the adapter (``<log dir>/lora`` by default) in the backbone's LoRA format.

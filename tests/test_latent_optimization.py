@@ -257,3 +257,25 @@ def test_latent_optimization_validates_during_fit_and_predicts_its_optimized_sam
         for t in scheduler.timesteps:
             x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, eta=0.0).prev_sample
     np.testing.assert_allclose(predicted["images"], ((x + 1) / 2).clamp(0, 1).numpy(), atol=1e-5)
+
+
+def test_a_fit_with_a_csv_logger_records_the_settings_and_final_loss(tiny_digits_dir, tmp_path):
+    """The HParams record at the end of fit works with loggers other than TensorBoard (CSVLogger
+    takes no metrics argument): the settings in hparams.yaml, hp/train_loss in metrics.csv equal to
+    the last logged train/loss."""
+    import csv
+
+    import yaml
+    from lightning.pytorch.loggers import CSVLogger
+
+    module = make(tiny_digits_dir, WeightedBrightness([1.0, 2.0]), lr=0.1)
+    logger = CSVLogger(tmp_path, name="csv")
+    Trainer(max_steps=2, accelerator="cpu", logger=logger, log_every_n_steps=1, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=tmp_path).fit(module, datamodule=SampleSet(num_samples=2))
+    log_dir = tmp_path / "csv" / "version_0"
+    assert yaml.safe_load((log_dir / "hparams.yaml").read_text())["lr"] == 0.1
+    rows = list(csv.DictReader((log_dir / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    finals = [float(r["hp/train_loss"]) for r in rows if r.get("hp/train_loss")]
+    assert finals == [pytest.approx(losses[-1])]

@@ -259,17 +259,25 @@ def test_reward_finetuning_with_picard_trains_the_adapters_as_sequential_samplin
         torch.manual_seed(0)  # the adapters' initialization
         module = RewardFineTuning(objective=_Brightness(), backbone=DigitsBackbone(tiny_digits_dir), solver=solver,
                                   lr=0.05, evaluation=None)
-        warm = []
+        warm, stored = [], []
         if isinstance(solver, Picard):
-            module.on_train_batch_end = lambda *args: warm.append(solver.last.warm)
+            def record(*args):
+                warm.append(solver.last.warm)
+                stored.append(len(solver._cache))
+                RewardFineTuning.on_train_batch_end(module, *args)  # which forgets the step's trajectories
+
+            module.on_train_batch_end = record
         trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                           enable_model_summary=False, default_root_dir=tmp_path, accelerator="cpu")
         trainer.fit(module, datamodule=SampleSet(num_samples=2))
-        return [p.detach().clone() for p in module.lora_params], warm
+        return [p.detach().clone() for p in module.lora_params], warm, stored
 
-    got, warm = fit(Picard(DDIM(6), tolerance=1e-4))
-    want, _ = fit(DDIM(6))
+    picard = Picard(DDIM(6), tolerance=1e-4)
+    got, warm, stored = fit(picard)
+    want, _, _ = fit(DDIM(6))
     assert warm == [0, 0]
+    # each step stored its 2 samples' trajectories, and nothing outlives the step (no dead cache on the device)
+    assert stored == [2, 2] and len(picard._cache) == 0
     assert any(float(w.abs().max()) > 0 for w in want)
     # Adam moves every weight by about lr = 0.05 per step: agreement to 1% of that
     for g, w in zip(got, want):
