@@ -377,6 +377,18 @@ class LatentOptimization(OptimizationModule):
         """The unoptimized samples of the same rows."""
         return self.initial_images[self._eval_index(batch)].float()
 
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """As the base class, but the rows' seeds and classes are the optimized samples' own: ``seed`` is
+        the seed of each sample's starting noise (``torch.randn`` from it gives the unoptimized x_T)."""
+        out = super().predict_step(batch, batch_idx)
+        index = self._eval_index(batch).cpu()
+        out["seed"] = torch.tensor([progress.latent_noise_seed(self.seed, i) for i in index.tolist()])
+        out.pop("reference_class_label", None)
+        samples = self.trainer.datamodule.full_batch("cpu")
+        if "class_label" in samples:
+            out["class_label"] = samples["class_label"][index]
+        return out
+
     def eval_batch(self, batch: dict[str, Any], images: Tensor, reference: Tensor | None) -> dict[str, Any]:
         index = self._eval_index(batch)
         return self.objective_batch(batch, index, self.trajectory_inputs(index)[0])

@@ -248,15 +248,22 @@ def test_latent_optimization_validates_during_fit_and_predicts_its_optimized_sam
     predicted = np.load(next((tmp_path / "runs").rglob("predictions.npz")))
     np.testing.assert_allclose(predicted["base"], np.load(fit_dir / "samples.npz")["before"], atol=1e-6)
 
-    x = read_checkpoint(next(fit_dir.rglob("*.ckpt")))["state_dict"]["variable"].float()
     unet = UNet2DModel.from_pretrained(tiny_weights / "unet")
     scheduler = DDIMScheduler.from_pretrained(tiny_weights / "scheduler", clip_sample=False)
     scheduler.set_timesteps(3)
-    labels = torch.full((len(x),), 10)  # unconditional: the null class
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, eta=0.0).prev_sample
-    np.testing.assert_allclose(predicted["images"], ((x + 1) / 2).clamp(0, 1).numpy(), atol=1e-5)
+
+    def ddim(x):
+        labels = torch.full((len(x),), 10)  # unconditional: the null class
+        with torch.no_grad():
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x, eta=0.0).prev_sample
+        return ((x + 1) / 2).clamp(0, 1).numpy()
+
+    x = read_checkpoint(next(fit_dir.rglob("*.ckpt")))["state_dict"]["variable"].float()
+    np.testing.assert_allclose(predicted["images"], ddim(x), atol=1e-5)
+    # the rows' seeds are the samples' own: torch.randn from them gives the unoptimized x_T, so the base
+    start = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(int(s))) for s in predicted["seed"]])
+    np.testing.assert_allclose(predicted["base"], ddim(start), atol=1e-5)
 
 
 def test_a_fit_with_a_csv_logger_records_the_settings_and_final_loss(tiny_digits_dir, tmp_path):
