@@ -234,22 +234,29 @@ class LatentOptimization(OptimizationModule):
         index = batch["index"]
         images, losses = self.compute_losses(batch)
         self.check_losses(losses, len(images))
-        with torch.no_grad():
-            # every process updates every sample's best from the gathered shards: the buffers stay
-            # identical across processes (DDP broadcasts process 0's buffers) and in checkpoints
-            n = len(self.best_loss)
-            seen = self._gather_rows(index, torch.ones_like(losses.detach()), n) > 0
-            all_losses = self._gather_rows(index, losses.detach(), n)
-            all_images = self._gather_rows(index, images.detach(), n)
-            better = seen & (all_losses < self.best_loss)
-            self.best_loss[better] = all_losses[better]
-            self.best_images[better] = all_images[better]
+        self._keep_best(index, losses, images)
         self.log_terms(losses, self.objective)
         if self.held_out_objective is not None:
             self.log("train/held_out", self.held_out_losses(images, batch).mean(), sync_dist=True)
         # Sum, not mean: each sample's gradient is its own loss's gradient, whatever the batch size.
         # Times the number of processes: DDP averages gradients, and each sample lives on one process.
         return losses.sum() * self.world[1]
+
+    @torch.no_grad()
+    def _keep_best(self, index: Tensor, losses: Tensor, images: Tensor, variable: Tensor | None = None) -> None:
+        """Where samples ``index`` (this process's shard) beat their lowest loss so far, keep their
+        loss, image and (a search's) ``variable`` rows. Every process updates every sample's best
+        from the gathered shards: the buffers stay identical across processes (DDP broadcasts
+        process 0's buffers) and in checkpoints."""
+        n = len(self.best_loss)
+        losses = losses.detach().to(self.best_loss.dtype)
+        seen = self._gather_rows(index, torch.ones_like(losses), n) > 0
+        all_losses = self._gather_rows(index, losses, n)
+        better = seen & (all_losses < self.best_loss)
+        self.best_loss[better] = all_losses[better]
+        self.best_images[better] = self._gather_rows(index, images.detach().to(self.best_images.dtype), n)[better]
+        if variable is not None:
+            self.variable[better] = self._gather_rows(index, variable.to(self.variable.dtype), n)[better]
 
     @torch.no_grad()
     def _search_step(self, batch: dict[str, Any]) -> None:
@@ -285,11 +292,9 @@ class LatentOptimization(OptimizationModule):
                 best_loss, best_images, best_variable, best_terms = losses, images, candidate, terms
                 continue
             better = losses < best_loss
-            shape = (-1, *[1] * (images.dim() - 1))
-            best_images = torch.where(better.view(shape), images, best_images)
-            best_variable = torch.where(better.view(-1, *[1] * (candidate.dim() - 1)), candidate, best_variable)
-            best_terms = {k: torch.where(better.view(-1, *[1] * (v.dim() - 1)), v, best_terms[k]) if k in best_terms
-                          else v for k, v in terms.items()}
+            best_images = _pick(better, images, best_images)
+            best_variable = _pick(better, candidate, best_variable)
+            best_terms = {k: _pick(better, v, best_terms[k]) if k in best_terms else v for k, v in terms.items()}
             best_loss = torch.where(better, losses, best_loss)
 
         # the step's best candidates are what this step's network calls made: logged as a gradient
@@ -302,12 +307,7 @@ class LatentOptimization(OptimizationModule):
         # no gradients the optimizer changes nothing
         self.optimizers().step()
         if self.skipped_steps == skipped:
-            all_losses = self._gather_rows(index, best_loss.to(self.best_loss.dtype), n)
-            seen = self._gather_rows(index, torch.ones_like(best_loss, dtype=self.best_loss.dtype), n) > 0
-            better = seen & (all_losses < self.best_loss)
-            self.best_loss[better] = all_losses[better]
-            self.best_images[better] = self._gather_rows(index, best_images.to(self.best_images.dtype), n)[better]
-            self.variable[better] = self._gather_rows(index, best_variable.to(self.variable.dtype), n)[better]
+            self._keep_best(index, best_loss, best_images, best_variable)
         self.log("train/best_loss", self.best_loss.mean())
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -394,11 +394,10 @@ class LatentOptimization(OptimizationModule):
         return self.objective_batch(batch, index, self.trajectory_inputs(index)[0])
 
     def on_fit_end(self) -> None:
-        solver = repr(self.solver) if isinstance(self.solver, Picard) else type(self.solver).__name__
         self.log_hparams_with_metrics({"lr": self.optimizer_lr(), "objective": type(self.objective).__name__,
                                        "target": type(self.target).__name__,
                                        "gradient_mode": type(self.gradient_mode).__name__,
-                                       "solver": solver, "seed": self.seed})
+                                       "solver": self.solver_name(), "seed": self.seed})
 
     def is_trainable_key(self, key: str) -> bool:
         return not key.startswith(("backbone.", "objective.", "held_out_objective."))
@@ -438,6 +437,11 @@ class _Terms:
 
     def __init__(self, terms: dict[str, Tensor]) -> None:
         self.terms = terms
+
+
+def _pick(better: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """Row ``i`` of ``new`` where ``better[i]``, else of ``old``."""
+    return torch.where(better.view(-1, *[1] * (new.dim() - 1)), new, old)
 
 
 def _rows(cond: Any, index: Tensor) -> Any:

@@ -422,6 +422,14 @@ class OptimizationModule(LightningModule):
             return []
         return [PredictionWriter()]
 
+    def solver_name(self) -> str:
+        """The solver as the HParams tab and model cards record it: its class name, or for a
+        :class:`~sdo_lightning.picard.Picard` its repr (which names the solver it wraps)."""
+        from sdo_lightning.picard import Picard
+
+        solver = getattr(self, "solver", None)
+        return repr(solver) if isinstance(solver, Picard) else type(solver).__name__
+
     def optimizer_lr(self) -> float | None:
         """The learning rate the optimizer runs with (an ``optimizer:`` factory may set its own),
         else the module's ``lr``."""

@@ -305,7 +305,7 @@ class RewardFineTuning(OptimizationModule):
             "held_out_reward": type(self.held_out_objective).__name__ if self.held_out_objective is not None else None,
             "steps": int(self.global_step) if self._trainer is not None else 0,
             "gradient_mode": type(self.gradient_mode).__name__,
-            "solver": repr(solver) if isinstance(solver, Picard) else type(solver).__name__,
+            "solver": self.solver_name(),
             "solver_steps": getattr(solver, "num_inference_steps", None),
             "lr": self.optimizer_lr(),
             "seed": self.seed,
