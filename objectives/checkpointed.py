@@ -28,14 +28,11 @@ class Checkpointed(Objective):
         super().__init__()
         self.objective = objective
 
-    def _losses(self, images: Tensor, batch: dict[str, Any]) -> Tensor:
-        return self.objective(images, batch)
-
     def forward(self, images: Tensor, batch: dict[str, Any]) -> Tensor:
         if torch.is_grad_enabled():
-            losses = checkpoint(self._losses, images, batch, use_reentrant=False)
+            losses = checkpoint(self.objective, images, batch, use_reentrant=False)
         else:  # nothing is held for backward anyway
-            losses = self._losses(images, batch)
+            losses = self.objective(images, batch)
         # copied now: the recomputation in backward fills the wrapped objective's terms again
         self.terms = dict(self.objective.terms)
         return losses
