@@ -73,13 +73,15 @@ class _Meter(Callback):
 
 
 def judge() -> Any:
-    """The independent judge of benchmarks/quickstart.py: logistic regression on raw pixels."""
-    from sklearn.linear_model import LogisticRegression
+    """The independent judge of benchmarks/quickstart.py: ``DigitsJudge``, a logistic regression on raw pixels."""
+    from sdo_lightning.digits.judge import DigitsJudge
 
-    from sdo_lightning.digits import load_digits_images
+    return DigitsJudge(image_size=16)
 
-    images, labels = load_digits_images(16)
-    return LogisticRegression(max_iter=5000).fit(images.flatten(1).numpy(), labels.numpy())
+
+def judge_says(the_judge: Any, images: torch.Tensor) -> np.ndarray:
+    """The digit the judge calls each image."""
+    return the_judge.probabilities(images).argmax(-1).numpy()
 
 
 def _fit(config: Path, overrides: list[str]) -> tuple[Any, _Meter, float, float]:
@@ -104,7 +106,7 @@ def latent_run(mode: str, seed: int, the_judge: Any, steps: int = 50) -> dict[st
     images = module.best_images.detach().cpu()
     with torch.no_grad():
         prob = module.objective.objectives[0].classifier(images).softmax(-1)[:, TARGET].mean().item()
-    said = the_judge.predict(images.flatten(1).numpy())
+    said = judge_says(the_judge, images)
     return {"task": "latent", "mode": mode, "seed": seed, "steps": steps,
             "objective": module.best_loss.mean().item(), "target_prob": prob,
             "judge_target": float((said == TARGET).mean()), "wall_s": wall, "cpu_s": cpu,
@@ -133,7 +135,7 @@ def lora_run(mode: str, seed: int, the_judge: Any, steps: int = 100, clip: float
     images = lora_samples(module)
     with torch.no_grad():
         log_probs = module.objective.classifier(images).log_softmax(-1)[:, TARGET]
-    said = the_judge.predict(images.flatten(1).numpy())
+    said = judge_says(the_judge, images)
     norms = np.array(meter.grad_norms)
     return {"task": "lora", "mode": mode, "seed": seed, "steps": steps, "clip": clip,
             "objective": (-log_probs).mean().item(), "target_prob": log_probs.exp().mean().item(),
