@@ -263,3 +263,23 @@ def set_adapters(case: Case, state: str) -> None:
         layer._disable_adapters = state == "off"
     if state == "folded":
         case.folding.refresh()
+
+
+def cli_parts(args: list[str]) -> tuple[Any, Any]:
+    """The module and data module ``sdo fit`` builds from ``args`` (``--config ...`` and overrides),
+    without fitting: the CLI's trainer is built, and not used, in a scratch directory, and the
+    calling script's own command line is not read as the CLI's."""
+    import os
+
+    from sdo_lightning.cli import main
+
+    cwd, argv = os.getcwd(), sys.argv
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        sys.argv = argv[:1]
+        try:
+            cli = main(args, run=False)
+        finally:
+            os.chdir(cwd)
+            sys.argv = argv
+    return cli.model, cli.datamodule

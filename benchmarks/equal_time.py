@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -129,7 +128,7 @@ def _no_results() -> Callback:
 
 def digits_module(model: str, method: str, seed: int, samples: int, steps: int | None) -> tuple[Any, Any]:
     """The config's module and data module, as ``sdo fit`` builds them, with the method and seed set."""
-    from sdo_lightning.cli import main
+    from _models import cli_parts
 
     args = ["--config", str(CONFIGS[model]), *METHODS[method], "--model.seed", str(seed),
             "--seed_everything", str(seed), "--data.num_samples", str(samples), "--trainer.logger", "false"]
@@ -137,16 +136,7 @@ def digits_module(model: str, method: str, seed: int, samples: int, steps: int |
         args += ["--model.solver.num_inference_steps", str(steps)]
     if method == "truncated":
         args += ["--model.gradient_mode.k", str(steps or 50)]
-    cwd, argv = os.getcwd(), sys.argv
-    with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)  # the CLI's trainer is built (and not used) in a scratch directory
-        sys.argv = argv[:1]  # this script's own arguments are not the CLI's
-        try:
-            cli = main(args, run=False)
-        finally:
-            os.chdir(cwd)
-            sys.argv = argv
-    return cli.model, cli.datamodule
+    return cli_parts(args)
 
 
 def tiny_sd_module(method: str, seed: int, samples: int, steps: int | None, root: Path) -> tuple[Any, Any, Any]:

@@ -43,18 +43,9 @@ def log(msg: str) -> None:
 
 def build(model: str) -> tuple[Any, Any]:
     """The config's module and data module, as ``sdo fit`` builds them."""
-    from sdo_lightning.cli import main
+    from _models import cli_parts
 
-    cwd, argv = os.getcwd(), sys.argv
-    with tempfile.TemporaryDirectory() as tmp:
-        os.chdir(tmp)  # the CLI's trainer is built (and not used) in a scratch directory
-        sys.argv = argv[:1]
-        try:
-            cli = main(["--config", str(CONFIGS[model]), "--trainer.logger", "false"], run=False)
-        finally:
-            os.chdir(cwd)
-            sys.argv = argv
-    return cli.model, cli.datamodule
+    return cli_parts(["--config", str(CONFIGS[model]), "--trainer.logger", "false"])
 
 
 class Record(Callback):
