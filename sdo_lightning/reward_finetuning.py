@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from jsonargparse import lazy_instance
@@ -163,20 +164,27 @@ class RewardFineTuning(OptimizationModule):
         self._folding.fold(not torch.is_grad_enabled())
         return self.backbone.denoise(x, t, cond)
 
+    @contextmanager
+    def _sampling_denoiser(self, fold: bool = True) -> Iterator[Any]:
+        """The denoiser to sample with: with adapter folding (and ``fold``), the calls that keep no
+        graph run on weights with the adapters folded in, recomputed first (the adapters changed at
+        the last optimizer step) and unfolded afterwards."""
+        if not fold or self._folding is None:
+            yield self.backbone.denoise
+            return
+        self._folding.refresh()
+        try:
+            yield self._denoise
+        finally:
+            self._folding.fold(False)
+
     def generate(self, batch: dict[str, Tensor], grad: bool) -> Tensor:
         """Images for ``batch`` from fresh noise; differentiable in the adapters when ``grad``."""
         cond = self.backbone.encode_condition(batch)
         index = batch["index"]
         x = self._noise(index)
-        denoiser = self.backbone.denoise
-        if self._folding is not None:
-            self._folding.refresh()  # the adapters changed at the last optimizer step
-            denoiser = self._denoise
-        try:
+        with self._sampling_denoiser() as denoiser:
             return self._sample(denoiser, x, cond, grad, index)
-        finally:
-            if self._folding is not None:
-                self._folding.fold(False)
 
     def _sample(self, denoiser: Any, x: Tensor, cond: Any, grad: bool, index: Tensor) -> Tensor:
         # stochastic solvers: one generator per sample, seeded like its starting noise
@@ -201,18 +209,10 @@ class RewardFineTuning(OptimizationModule):
         x = progress.normal(self.backbone.latent_shape, seeds).to(self.device)
         cond = self.backbone.encode_condition(batch)
         generators = progress.generators([s + 1 for s in seeds], self.device)
-        denoiser = self.backbone.denoise
-        if fold and self._folding is not None:
-            self._folding.refresh()
-            denoiser = self._denoise
-        try:
-            with torch.no_grad():  # no gradient mode, nothing drawn from the plan generator
-                x0 = sample(denoiser, self.solver, x, cond,
-                            generator=generators, scheduler_config=self.backbone.scheduler_config)
-                return self.backbone.decode(x0).float()
-        finally:
-            if self._folding is not None:
-                self._folding.fold(False)
+        # no gradient mode, nothing drawn from the plan generator
+        with self._sampling_denoiser(fold) as denoiser, torch.no_grad():
+            x0 = sample(denoiser, self.solver, x, cond, generator=generators, scheduler_config=self.backbone.scheduler_config)
+            return self.backbone.decode(x0).float()
 
     def generate_for_eval(self, batch: dict[str, Any]) -> Tensor:
         """Images of the evaluation rows with the fine-tuned adapters: row ``i`` starts from
