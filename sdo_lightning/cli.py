@@ -81,6 +81,25 @@ def default_callbacks(configured: list[Any], trainer_config: dict[str, Any]) -> 
         out.append(InterruptCheckpoint())
     return out
 
+def _validation_interval_within(trainer_config: dict[str, Any]) -> int | None:
+    """A validation interval that fits a run shortened with ``--trainer.max_steps``, or None.
+
+    The data modules' training loaders hold ``max_steps x accumulate_grad_batches`` batches, and
+    Lightning refuses an integer ``val_check_interval`` larger than that. A demo validating every
+    50 steps, run for 5, validates once at its end instead (said in one line)."""
+    interval = trainer_config.get("val_check_interval")
+    max_steps = trainer_config.get("max_steps")
+    accumulate = trainer_config.get("accumulate_grad_batches") or 1
+    if isinstance(interval, bool) or not isinstance(interval, int) or not isinstance(max_steps, int) or max_steps < 1:
+        return None
+    batches = max_steps * int(accumulate)
+    if interval <= batches:
+        return None
+    rank_zero_info(f"val_check_interval {interval} is longer than the run ({max_steps} optimizer steps): "
+                   f"validating once, at the end.")
+    return batches
+
+
 #: parameter name -> (what it is, the registry kind of the classes it takes)
 _KINDS: dict[str, tuple[str, str]] = {
     "objective": ("objective", "objectives"),
@@ -98,6 +117,17 @@ _WRAPPERS = re.compile(
     r"Expected a <class 'NoneType'>|Given value type:|Given value:|Subclass types expect one of:|a class path \(str\)|"
     r"a dict with|a dict without)"
 )
+
+
+#: (class, option) -> where an option of an earlier release lives now, as YAML
+MOVED_OPTIONS: dict[tuple[str, str], str] = {
+    ("LatentOptimization", "project_to_shell"):
+        "target: {class_path: StartNoise (or IntermediateLatent), init_args: {project_to_shell: ...}}",
+    ("LatentOptimization", "linf_radius"):
+        "target: {class_path: StartNoise (or IntermediateLatent), init_args: {linf_radius: ...}}",
+    ("LatentOptimization", "invert_images"):
+        "target: {class_path: IntermediateLatent, init_args: {invert_images: ...}}",
+}
 
 
 def _known(key: str) -> tuple[str, list[str]] | None:
@@ -138,7 +168,13 @@ def short_error(message: str) -> str:
         return f"{key or 'value'}: init_args of {owner} must be a mapping of argument names to values."
     accepted = re.search(r"Option '([^']+)' is not accepted", leaf)
     if accepted:
-        return f"{key + ': ' if key else ''}option {accepted.group(1)!r} is not accepted; see `sdo fit --help` for the options."
+        option = accepted.group(1)
+        classes = re.findall(r"Problem with given class_path '([^']+)'", message)
+        owner = classes[-1].rsplit(".", 1)[-1] if classes else None
+        if (owner, option) in MOVED_OPTIONS:
+            return (f"{key + ': ' if key else ''}{owner}'s option {option!r} moved to the optimization target: write "
+                    f"{MOVED_OPTIONS[owner, option]} instead.")
+        return f"{key + ': ' if key else ''}option {option!r} is not accepted; see `sdo fit --help` for the options."
     return f"{key + ': ' if key else ''}{leaf}"
 
 
@@ -229,6 +265,9 @@ class SDOCLI(LightningCLI):
             # checkpoints): give each run a fresh folder there instead, never the working directory's files
             root = Path(trainer_config.get("default_root_dir") or os.getcwd())
             kwargs["default_root_dir"] = str(_next_version(root / RUNS_WITHOUT_LOGGER))
+        shorter = _validation_interval_within(trainer_config)
+        if shorter is not None:
+            kwargs["val_check_interval"] = shorter
         return super().instantiate_trainer(**kwargs, callbacks=configured + default_callbacks(configured, trainer_config))
 
     def before_fit(self) -> None:

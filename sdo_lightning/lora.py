@@ -229,7 +229,8 @@ def write_model_card(directory: str | Path, fields: dict[str, Any], metrics: dic
     directory.mkdir(parents=True, exist_ok=True)
     front = {"library_name": "sdo-lightning", "tags": ["lora", "sdo-lightning", "reward-fine-tuning"], **fields}
     if metrics:
-        front["validation"] = {k: round(float(v), 6) for k, v in metrics.items()}
+        # full precision: YAML writes a float's shortest round-trip repr, so the card reads back exactly
+        front["validation"] = {k: float(v) for k, v in metrics.items()}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# LoRA of {fields.get('base_model', 'a diffusion model')}", "",
              f"Fine-tuned with sdo-lightning's RewardFineTuning on the reward `{fields.get('reward')}` for "

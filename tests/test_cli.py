@@ -82,3 +82,30 @@ def test_readme_python_example_runs(tmp_path):
     for block in runnable:
         result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("option, value, new_place", [
+    ("project_to_shell", "false", "target: {class_path: StartNoise (or IntermediateLatent), init_args: {project_to_shell"),
+    ("invert_images", "true", "target: {class_path: IntermediateLatent, init_args: {invert_images"),
+])
+def test_an_option_that_moved_names_its_new_place(option, value, new_place, tiny_weights, tmp_path, capsys):
+    """A config of the release before targets became types (LatentOptimization(project_to_shell: false))."""
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  class_path: LatentOptimization\n  init_args:\n"
+                   f"    {option}: {value}\n    objective: {{class_path: ClassifierObjective, init_args: {{target_class: 7}}}}\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(old)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"LatentOptimization's option '{option}' moved" in err and new_place in err, err
+
+
+def test_a_demo_shortened_below_its_validation_interval_validates_at_its_end(tiny_weights, tmp_path, monkeypatch):
+    """configs/digits/finetune_lora.yaml validates every 50 steps; run for 2 it validates once, at step 2,
+    instead of Lightning refusing val_check_interval > number of training batches."""
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", "--config", str(ROOT / "configs" / "digits" / "finetune_lora.yaml"), "--trainer.max_steps", "2",
+                "--model.solver.num_inference_steps", "2", "--data.num_samples", "2", "--data.eval_samples", "2",
+                "--data.eval_batch_size", "2", "--model.evaluation.kid_subset_size", "2",
+                "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"])
+    assert cli.trainer.global_step == 2 and cli.trainer.val_check_interval == 2
+    assert "val/fid" in cli.trainer.callback_metrics

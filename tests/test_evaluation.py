@@ -384,3 +384,10 @@ def test_validation_on_two_processes_equals_one(tiny_digits_dir, tmp_path, monke
     assert results[0].keys() == results[1].keys() and "kid" in results[0]
     for key, value in results[0].items():
         assert results[1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_the_model_card_keeps_small_metrics_exactly(tmp_path):
+    """The card's front matter reads back every metric bit for bit (a 6-decimal rounding lost 0.0295684)."""
+    metrics = {"fid": 0.029568412345678, "kid": -1.25e-9, "reward": 3.0}
+    lora.write_model_card(tmp_path, {"base_model": "x", "steps": 2}, metrics)
+    assert lora.read_model_card(tmp_path)["validation"] == metrics
