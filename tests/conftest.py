@@ -1,7 +1,12 @@
 import math
+import os
 
-import pytest
-import torch
+# Before torch loads (OpenMP reads it once): the `sdo` processes the tests start, and this one,
+# let idle OpenMP threads sleep instead of spinning on a CPU that other jobs share (console.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from torch import nn
 
 # Tiny models gain nothing from threads, and OpenMP threads slow to a crawl when a core is busy.

@@ -153,7 +153,10 @@ def test_warm_start_from_the_exact_trajectory(exact_final, sweeps, models):
     # tolerance 0 stores the exact trajectory (to float rounding: see the test above)
     picard = Picard(DDIM(N), tolerance=0.0, window=N, exact_final=exact_final)
     first = sample(backbone.denoise, picard, x, cond, scheduler_config=backbone.scheduler_config, generator=generators())
-    assert picard.last.warm == 0 and picard.last.sweeps == N
+    # at most one step per sweep (a sweep may end early where a float residual comes out exactly 0:
+    # 11 of 12 sweeps with torch 2.13), and the stored trajectory is the sequential one
+    assert picard.last.warm == 0 and picard.last.sweeps <= N
+    torch.testing.assert_close(first, reference("ddim", backbone, x, cond)[-1], rtol=1e-5, atol=1e-5)
     # the same samples again (generators with the same seeds)
     picard.tolerance = 0.05
     again = sample(backbone.denoise, picard, x, cond, scheduler_config=backbone.scheduler_config, generator=generators())
