@@ -11,6 +11,7 @@ from sdo_lightning.objectives.image_classifier import ImageClassifierObjective
 from sdo_lightning.objectives.lpips import LPIPSFidelity
 from sdo_lightning.objectives.noise_prior import NoiseNormPrior
 from sdo_lightning.objectives.pickscore import PickScore
+from sdo_lightning.objectives.remote import RemoteObjective
 from sdo_lightning.objectives.style import CLIPStyleLoss
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "LPIPSFidelity",
     "NoiseNormPrior",
     "PickScore",
+    "RemoteObjective",
     "WeightedSum",
 ]

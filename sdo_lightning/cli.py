@@ -7,6 +7,7 @@
     sdo fit --help / --print_config               # every option, from the docstrings
     sdo plugins                                   # registered objectives, solvers, gradient modes
     sdo mix --adapters DIR [DIR ...] --scales 0 0.5 1   # sample with LoRA adapters at several scales
+    sdo serve-reward --objective NAME [--address ...]   # an objective in its own process (RemoteObjective)
 
 Mistakes in a config or on the command line end in one line saying what was wrong and what is
 accepted (``SDO_VERBOSE_ERRORS=1`` shows the parser's full message, or the traceback).
@@ -334,6 +335,11 @@ def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
         registry.load_plugins()
         print(registry.format_table(registry.registered()))
         return None
+    if argv[:1] == ["serve-reward"]:
+        from sdo_lightning.reward_server import serve
+
+        serve(argv[1:])
+        return None
     if argv[:1] == ["mix"]:
         from sdo_lightning.mix import mix
 
@@ -364,7 +370,7 @@ def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
 #: MisconfigurationException covers trainer options (max_steps -5, devices 0, a missing GPU)
 CLEAN_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, FileNotFoundError, KeyError, FloatingPointError, ImportError, PermissionError, NotADirectoryError,
-    IsADirectoryError, FileExistsError, MisconfigurationException,
+    IsADirectoryError, FileExistsError, MisconfigurationException, ConnectionError,
 )
 
 

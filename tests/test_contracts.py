@@ -60,8 +60,21 @@ def _objectives():
         # float64 model: its loss, exp(logit_scale) * cos (14.3 x here), carries float32's batch-size-dependent
         # rounding (6e-7 on losses near 1) past check_per_sample's rtol 1e-6; CLIPScore's 1 - cos stays inside
         "PickScore": lambda f: o.PickScore(f["clip"], prompt="a cat").double(),
+        # an L2Fidelity served by a reward server in a thread of this process: the batch's reference
+        # images travel with the request
+        "RemoteObjective": lambda f: o.RemoteObjective(_serve(o.L2Fidelity())),
         "WeightedSum": lambda f: o.WeightedSum([o.L2Fidelity(), o.ClassifierObjective(target_class=3)], [1.0, 0.5]),
     }
+
+
+def _serve(objective):
+    import threading
+
+    from sdo_lightning.reward_server import RewardServer
+
+    server = RewardServer(objective, "127.0.0.1:0")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.address
 
 
 #: objectives of the embedded digits model, which takes grey images only
