@@ -1,0 +1,103 @@
+"""The cost of a reward served by `sdo serve-reward` against the same reward in-process.
+
+    python benchmarks/remote_reward.py [--steps 6] [--samples 16]
+
+Runs the quickstart (`configs/quickstart.yaml`: SDO on the digits DDPM, 50 DDIM steps, the
+classifier averaged over 16 augmented copies plus an L2 fidelity term) for ``--steps`` optimizer
+steps twice: with the classifier in this process, and with the classifier served by
+`sdo serve-reward` in a subprocess and reached through `RemoteObjective` (the fidelity term stays
+local). Reports the median wall seconds per step after the first, the CPU seconds per step of
+this process and of the server (from /proc), and the ratio served / in-process. One torch thread
+on each side; run it on a quiet machine (it times wall clock). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from sdo_lightning.console import configure_cpu_threads
+
+configure_cpu_threads()
+
+import torch  # noqa: E402
+from lightning.pytorch import Callback, Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSIFIER = ["--objective", "ClassifierObjective", "--objective.target_class", "7", "--objective.augment", "16",
+              "--objective.noise_std", "0.2"]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class StepTimer(Callback):
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid, self.rows = server_pid, []
+
+    def _now(self) -> tuple[float, float, float]:
+        server = _cpu_seconds(self.server_pid) if self.server_pid else 0.0
+        return time.perf_counter(), time.process_time(), server
+
+    def on_train_batch_start(self, *args) -> None:
+        self.start = self._now()
+
+    def on_train_batch_end(self, *args) -> None:
+        self.rows.append(tuple(b - a for a, b in zip(self.start, self._now())))
+
+
+def run(served: bool, steps: int, samples: int) -> dict[str, float]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _models import cli_parts
+
+    from sdo_lightning.objectives import RemoteObjective
+
+    module, data = cli_parts(["--config", str(ROOT / "configs" / "quickstart.yaml"), "--data.num_samples", str(samples)])
+    server = None
+    if served:
+        server = subprocess.Popen([sys.executable, "-m", "sdo_lightning", "serve-reward", *CLASSIFIER,
+                                   "--address", "127.0.0.1:0", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+        address = next(line for line in server.stderr if "serving" in line).split(" on ")[1].split()[0]
+        module.objective.objectives[0] = RemoteObjective(address)
+    timer = StepTimer(server.pid if server else None)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:  # the run's results (before_after.png, ...) go there
+            trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                              enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                              default_root_dir=scratch)
+            trainer.fit(module, datamodule=data)
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+    later = timer.rows[1:]
+    return {"wall": statistics.median(r[0] for r in later), "cpu": statistics.median(r[1] for r in later),
+            "server_cpu": statistics.median(r[2] for r in later)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--samples", type=int, default=16)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    local = run(False, args.steps, args.samples)
+    remote = run(True, args.steps, args.samples)
+    print("| reward | wall s / step | CPU s / step (run) | CPU s / step (server) |")
+    print("|---|---|---|---|")
+    for name, r in (("in-process", local), ("served (sdo serve-reward)", remote)):
+        print(f"| {name} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['server_cpu']:.3f} |")
+    print(f"\nserved / in-process, wall: {remote['wall'] / local['wall']:.3f}; "
+          f"CPU (run + server): {(remote['cpu'] + remote['server_cpu']) / local['cpu']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
