@@ -162,7 +162,8 @@ def build_head(state: dict[str, Tensor], path: str) -> torch.nn.Module:
     try:
         head.load_state_dict(state)
     except RuntimeError:
-        raise ValueError(f"ImageReward checkpoint {path!r} has an MLP head of mismatched sizes; {CHECKPOINT_HOW}.") from None
+        raise ValueError(f"ImageReward checkpoint {path!r} has an MLP head of mismatched sizes; "
+                         f"{CHECKPOINT_HOW}.") from None
     return head
 
 

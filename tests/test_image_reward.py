@@ -190,3 +190,22 @@ def test_a_checkpoint_lacking_a_released_weight_is_named(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"crossattention\.output\.dense\.bias") as excinfo:
         ImageRewardScore(tmp_path / "ImageReward.pt", tokenizer=str(tiny[1]))
     assert_one_sentence(excinfo)
+
+
+def test_served_by_sdo_serve_reward_it_equals_in_process(tiny):
+    """docs/image_reward.md's command: the served losses and image gradient equal the in-process ones."""
+    from sdo_lightning.objectives import RemoteObjective
+    from test_reward_server import gradient_of, start_server, stop
+
+    checkpoint, tokenizer = tiny
+    proc, address = start_server("--objective", "ImageRewardScore", "--objective.checkpoint", str(checkpoint),
+                                 "--objective.tokenizer", str(tokenizer))
+    try:
+        g = torch.Generator().manual_seed(2)
+        images, weights = torch.rand(2, 3, 24, 24, generator=g), torch.randn(2, generator=g)
+        batch = {"prompt": [SHORT, LONG], "index": torch.arange(2)}
+        want = gradient_of(ImageRewardScore(checkpoint, tokenizer=str(tokenizer)), images, batch, weights)
+        got = gradient_of(RemoteObjective(address, fields=["prompt"]), images, batch, weights)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    finally:
+        stop(proc)

@@ -19,8 +19,8 @@ HEAD_WIDTHS = (TEXT_WIDTH, 16, 8, 8, 4, 1)  # the release: 768-1024-128-64-16-1
 HEADS = 2
 
 WORDS = ["a", "an", "the", "of", "and", "photo", "red", "green", "blue", "cat", "dog", "on", "in", "sky"]
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [c for c in string.ascii_lowercase if c not in WORDS] + \
-    ["##" + c for c in string.ascii_lowercase]
+LETTERS = [c for c in string.ascii_lowercase if c not in WORDS]  # "a" is a word already
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + LETTERS + ["##" + c for c in string.ascii_lowercase]
 # BLIP's tokenizer adds [DEC] and [ENC] after the vocab (bert-base-uncased: 30522 + 2 = 30524 embeddings)
 VOCAB_SIZE = len(VOCAB) + 2
 
