@@ -8,6 +8,7 @@ from sdo_lightning.objectives.combine import WeightedSum
 from sdo_lightning.objectives.fidelity import L2Fidelity
 from sdo_lightning.objectives.hps import HPSv2Score
 from sdo_lightning.objectives.image_classifier import ImageClassifierObjective
+from sdo_lightning.objectives.image_reward import ImageRewardScore
 from sdo_lightning.objectives.lpips import LPIPSFidelity
 from sdo_lightning.objectives.noise_prior import NoiseNormPrior
 from sdo_lightning.objectives.pickscore import PickScore
@@ -22,6 +23,7 @@ __all__ = [
     "ClassifierObjective",
     "HPSv2Score",
     "ImageClassifierObjective",
+    "ImageRewardScore",
     "L2Fidelity",
     "LPIPSFidelity",
     "NoiseNormPrior",

@@ -13,6 +13,7 @@ from objective_fixtures import check_per_sample, style_png, tiny_clip  # noqa: F
 from sdo_lightning import registry, sample
 from sdo_lightning.solvers import DDIM, FlowMatchEuler
 from tiny_flux import build_tiny_flux
+from tiny_image_reward import save_tiny_image_reward
 from tiny_models import build_tiny_ddpm, build_tiny_pixart, build_tiny_sd
 from tiny_sd3 import build_tiny_sd3
 from tiny_sdxl import build_tiny_sdxl
@@ -36,6 +37,7 @@ def objective_files(tmp_path_factory, tiny_clip, style_png):
         "lin": str(save(lpips_lin_state(), root / "weights/v0.1/vgg.pth")),
         "mlp": str(save(aesthetic_state("improved", dim=8), root / "mlp.pth")),  # tiny CLIP projects to 8
         "hps": str(save({"state_dict": TinyOpenCLIP().state_dict()}, root / "HPS_v2_compressed.pt")),
+        "image_reward": tuple(map(str, save_tiny_image_reward(root / "image_reward"))),  # (ImageReward.pt, tokenizer)
     }
 
 
@@ -53,6 +55,8 @@ def _objectives():
         "HPSv2Score": lambda f: o.HPSv2Score(f["hps"], prompt="a cat"),
         "ImageClassifierObjective": lambda f: o.ImageClassifierObjective("torchvision/tinynet", weights="IMAGENET1K_V1",
                                                                          target_class=2),
+        "ImageRewardScore": lambda f: o.ImageRewardScore(f["image_reward"][0], tokenizer=f["image_reward"][1],
+                                                         prompt="a cat"),
         "L2Fidelity": lambda f: o.L2Fidelity(),
         "LPIPSFidelity": lambda f: o.LPIPSFidelity(f["vgg"], f["lin"]),
         # it scores batch["latent"], which this test's batch lacks: the images stand in for the latent

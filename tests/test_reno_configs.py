@@ -1,7 +1,8 @@
 """configs/reno/*.yaml: ReNO's setting as written, and one optimizer step of each on tiny models.
 
 The real pipelines and reward models are swapped for tiny ones built in code (tests/tiny_*.py;
-open_clip faked for HPSv2.1); everything else is read from the file as a user runs it.
+open_clip faked for HPSv2.1; ImageReward saved in its released key layout); everything else is
+read from the file as a user runs it.
 """
 
 import copy
@@ -13,6 +14,7 @@ import yaml
 
 from test_cli import ROOT
 from tiny_flux import build_tiny_flux
+from tiny_image_reward import save_tiny_image_reward
 from tiny_models import build_tiny_clip, build_tiny_sd
 from tiny_objective_models import TinyOpenCLIP, install_fake_open_clip, save
 from tiny_sdxl import build_tiny_sdxl
@@ -26,7 +28,8 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("reno")
     return {"sd_turbo": build_tiny_sd(root / "sd"), "sdxl_turbo": build_tiny_sdxl(root / "sdxl", turbo=True),
             "flux_schnell": build_tiny_flux(root / "flux"), "clip": build_tiny_clip(root / "clip"),
-            "hps": save({"state_dict": TinyOpenCLIP(seed=3).state_dict()}, root / "HPS_v2.1_compressed.pt")}
+            "hps": save({"state_dict": TinyOpenCLIP(seed=3).state_dict()}, root / "HPS_v2.1_compressed.pt"),
+            "image_reward": save_tiny_image_reward(root / "image_reward")}
 
 
 def test_there_is_a_reno_config_per_one_step_model():
@@ -36,7 +39,7 @@ def test_there_is_a_reno_config_per_one_step_model():
 @pytest.mark.parametrize("name", sorted(HUB))
 def test_reno_config_is_renos_setting(name):
     """The numbers of ReNO's released code (arguments.py: lr 5, SGD Nesterov momentum 0.9, grad clip
-    0.1, 50 iterations, 1 step; weights HPS 5, PickScore 0.05, CLIP 0.01 x 100, reg 0.01)."""
+    0.1, 50 iterations, 1 step; weights HPS 5, ImageReward 1, PickScore 0.05, CLIP 0.01 x 100, reg 0.01)."""
     text = (ROOT / "configs" / "reno" / f"{name}.yaml").read_text()
     assert text.startswith(f"# Run: sdo fit --config configs/reno/{name}.yaml\n") and "ImageReward" in text
     config = yaml.safe_load(text)
@@ -48,8 +51,8 @@ def test_reno_config_is_renos_setting(name):
     assert model["optimizer"] == {"class_path": "torch.optim.SGD", "init_args": {"lr": 5.0, "momentum": 0.9, "nesterov": True}}
     objective = model["objective"]["init_args"]
     names = [o["class_path"] for o in objective["objectives"]]
-    assert dict(zip(names, objective["weights"])) == {"HPSv2Score": 5.0, "PickScore": 0.05, "CLIPScore": 1.0,
-                                                      "NoiseNormPrior": 0.01}
+    assert dict(zip(names, objective["weights"])) == {"HPSv2Score": 5.0, "ImageRewardScore": 1.0, "PickScore": 0.05,
+                                                      "CLIPScore": 1.0, "NoiseNormPrior": 0.01}
     assert model["target"]["init_args"]["project_to_shell"] is False
     assert config["data"]["init_args"]["num_samples"] == 1
 
@@ -71,6 +74,8 @@ def test_reno_config_takes_one_step_on_tiny_models(name, tiny, tmp_path, monkeyp
         args = entry.setdefault("init_args", {})
         if entry["class_path"] == "HPSv2Score":
             args["checkpoint"] = str(tiny["hps"])
+        elif entry["class_path"] == "ImageRewardScore":
+            args["checkpoint"], args["tokenizer"] = map(str, tiny["image_reward"])
         elif "model" in args:
             args["model"] = str(tiny["clip"])
     config["trainer"].update(max_steps=1, accelerator="cpu", devices=1, precision="32-true", default_root_dir=str(tmp_path),
