@@ -474,3 +474,20 @@ def test_there_is_a_released_config_per_script_each_saying_how_to_run_it():
         text = (RELEASED / name).read_text()
         assert text.startswith(f"# Run: sdo fit --config configs/released/{name}\n")
         assert re.search(r"betas: \[0\.9, 0\.9\]", text) and "steps_offset: 0" in text and "32-true" in text
+
+
+def test_fp16_latent_under_grad_scaler_raises_and_fp32_does_not():
+    """The Stable Diffusion scripts' second bug, on the CPU scaler: an fp16 latent stepped through
+    GradScaler raises at the first step; the released configs' fp32 latent steps."""
+    for dtype in (torch.float16, torch.float32):
+        z = torch.randn(1, 4, 8, 8, dtype=dtype, requires_grad=True)
+        optimizer = torch.optim.Adam([z], lr=0.01, betas=(0.9, 0.9))
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale((z.float() ** 2).sum()).backward()
+        if dtype == torch.float16:
+            with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+                scaler.step(optimizer)
+        else:
+            before = z.detach().clone()
+            scaler.step(optimizer)
+            assert not torch.equal(z.detach(), before)
