@@ -491,3 +491,54 @@ def test_fp16_latent_under_grad_scaler_raises_and_fp32_does_not():
             before = z.detach().clone()
             scaler.step(optimizer)
             assert not torch.equal(z.detach(), before)
+
+
+# -- the features the released configs use, each against a closed form ----------------------------
+
+def test_l1_fidelity_is_the_mean_absolute_difference_on_the_chosen_range():
+    from sdo_lightning.objectives import L1Fidelity
+
+    g = torch.Generator().manual_seed(0)
+    x, ref = torch.rand(2, 3, 4, 4, generator=g), torch.rand(2, 3, 4, 4, generator=g)
+    expected = (x - ref).abs().flatten(1).mean(1)
+    torch.testing.assert_close(L1Fidelity("image")(x, {"image": ref}), 2 * expected)
+    torch.testing.assert_close(L1Fidelity("image", signed=False)(x, {"image": ref}), expected)
+
+
+def test_weighted_sum_uses_the_warmup_weights_below_warmup_steps():
+    from sdo_lightning.objectives import L1Fidelity, L2Fidelity, WeightedSum
+
+    g = torch.Generator().manual_seed(0)
+    x, ref = torch.rand(1, 3, 4, 4, generator=g), torch.rand(1, 3, 4, 4, generator=g)
+    l1, l2 = 2 * (x - ref).abs().mean(), (x - ref).pow(2).mean()
+    total = WeightedSum([L1Fidelity("image"), L2Fidelity(reference="image")], [0.5, 0.5], warmup_steps=2,
+                        warmup_weights=[0.0, 1.0])
+    for step, expected in ((0, l2), (1, l2), (2, 0.5 * l1 + 0.5 * l2), (7, 0.5 * l1 + 0.5 * l2)):
+        torch.testing.assert_close(total(x, {"image": ref, "step": step}), expected.reshape(1))
+    with pytest.raises(KeyError, match="batch\\['step'\\]"):
+        total(x, {"image": ref})
+    with pytest.raises(ValueError, match="give both"):
+        WeightedSum([L1Fidelity()], [1.0], warmup_steps=3)
+
+
+def test_diffaugment_with_no_shift_and_unit_factors_is_the_identity():
+    """Brightness 0.5, saturation 0.5 and contrast 0.5 draws leave the image as it is; so does a zero shift."""
+    from sdo_lightning.objectives.augment import DiffAugment
+
+    augment = DiffAugment(copies=3, policy="color,translation")
+    augment.draw = lambda n, h, w, device: {"color": torch.full((3, n), 0.5), "translation": torch.zeros(n, 2, dtype=torch.long)}
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(augment(x), x.repeat_interleave(3, dim=0))
+
+
+def test_hard_decode_clamp_gives_saturated_pixels_no_gradient(tiny):
+    from sdo_lightning.backbones import PixelUNetBackbone
+
+    backbone = PixelUNetBackbone(str(tiny["ddpm"]), local_files_only=True)
+    latents = torch.tensor([-1.5, -0.5, 0.5, 1.5]).view(1, 1, 2, 2).repeat(1, 3, 1, 1).requires_grad_(True)
+    for clamp, expected in (("straight_through", [0.5, 0.5, 0.5, 0.5]), ("hard", [0.0, 0.5, 0.5, 0.0])):
+        backbone.decode_clamp = clamp
+        images = backbone.decode(latents)
+        torch.testing.assert_close(images[0, 0].flatten(), torch.tensor([0.0, 0.25, 0.75, 1.0]))
+        (grad,) = torch.autograd.grad(images.sum(), latents)
+        torch.testing.assert_close(grad[0, 0].flatten(), torch.tensor(expected))
