@@ -66,6 +66,16 @@ def resize_center_crop(images: Tensor, crop: int, resize: int | tuple[int, int] 
     return images[..., top:top + crop, left:left + crop]
 
 
+def plain_resize(images: Tensor, size: int, mode: str) -> Tensor:
+    """``F.interpolate`` straight to ``size x size`` (``mode`` ``bilinear`` or ``bicubic``), without
+    antialiasing or a crop: what the authors' released scripts feed CLIP (a square image in, so
+    nothing is distorted). Downscaling this way aliases; the ``processor`` path does not."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    work = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    return F.interpolate(work, size=(size, size), mode=mode, align_corners=False).to(images.dtype)
+
+
 def resize_longest_pad(images: Tensor, size: int, mode: str = "bicubic") -> Tensor:
     """Resize so the long side is ``size`` (antialiased), then zero-pad the short side to a
     centered ``size x size`` square (open_clip's ``ResizeMaxSize``, which HPSv2 evaluates with)."""

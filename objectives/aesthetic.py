@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -16,6 +17,7 @@ from sdo_lightning.objectives._inputs import (
     offline_default,
     resize_center_crop,
 )
+from sdo_lightning.objectives.augment import Cutouts
 from sdo_lightning.objectives.clip import CLIP_MEAN, CLIP_STD
 
 MLP_HOW = ("download sac+logos+ava1-l14-linearMSE.pth from github.com/christophschuhmann/improved-aesthetic-predictor "
@@ -114,6 +116,88 @@ class AestheticScore(Objective):
         pixels = normalize(resize_center_crop(as_rgb(images), self.size), CLIP_MEAN, CLIP_STD).to(dtype)
         embeds = self.projection(self.vision(pixel_values=pixels).pooler_output)
         return self.head(F.normalize(embeds, dim=-1))[:, 0].to(images.dtype)
+
+    def forward(self, images: Tensor, batch: dict[str, Any]) -> Tensor:
+        score = self.score(images)
+        self.terms = {"aesthetic": score.detach()}
+        return -score if self.target is None else (score - self.target).abs()
+
+
+class AestheticEnsemble(Objective):
+    """A weighted ensemble of LAION aesthetic heads on several CLIP models, averaged over random
+    cutouts: the scorer of the authors' released aesthetic script.
+
+    Every model scores the same ``cutouts`` random square crops of the image (see
+    :class:`~sdo_lightning.objectives.augment.Cutouts`; drawn from the global torch generator every
+    call), each pooled to the tower's input size and CLIP-normalized. Head ``i`` scores each crop
+    ``head_i(e / ||e||)``, clipped to ``score_range``, averaged over the crops: ``s_i``. The score is
+    ``sum_i weights[i] * s_i / len(heads)``; the loss is ``|score - target|`` (or ``-score``). The
+    released script: the LAION v1 linear heads ``sa_0_4_vit_l_14_linear.pth`` on ViT-L/14 and
+    ``sa_0_4_vit_b_32_linear.pth`` on ViT-B/32 (github.com/LAION-AI/aesthetic-predictor), weights
+    0.5 and 1.5, range [1, 10], 16 cutouts at cut power 0.3, target 10. Logs ``aesthetic``.
+
+    Args:
+        mlps: the heads' weight files (linear or improved-MLP heads, told apart by their keys).
+        models: the transformers ``CLIPModel`` of each head, directories or hub ids.
+        weights: one weight per head (default all 1); the sum is divided by the number of heads.
+        score_range: ``[low, high]`` to clip each crop's score to, or None.
+        cutouts: random crops per call (0: the whole image, resized and center-cropped).
+        cut_power: below 1 favours large crops.
+        target: None for loss ``-score``; a number for ``|score - target|``.
+        local_files_only: never reach the network (also implied by ``HF_HUB_OFFLINE=1``).
+    """
+
+    def __init__(
+        self,
+        mlps: list[str],
+        models: list[str],
+        weights: list[float] | None = None,
+        score_range: list[float] | None = None,
+        cutouts: int = 16,
+        cut_power: float = 1.0,
+        target: float | None = None,
+        local_files_only: bool | None = None,
+    ) -> None:
+        super().__init__()
+        weights = [1.0] * len(mlps) if weights is None else list(weights)
+        if not mlps or len(models) != len(mlps) or len(weights) != len(mlps):
+            raise ValueError(f"AestheticEnsemble needs one CLIP model and one weight per head; got {len(mlps)} heads, "
+                             f"{len(models)} models and {len(weights)} weights.")
+        if score_range is not None and (len(score_range) != 2 or score_range[0] > score_range[1]):
+            raise ValueError(f"AestheticEnsemble score_range must be [low, high] with low <= high, got {score_range}.")
+        # one AestheticScore per head: the same loading, checks and embedding
+        self.members = torch.nn.ModuleList(
+            AestheticScore(mlp, model, local_files_only=local_files_only) for mlp, model in zip(mlps, models)
+        )
+        sizes = {m.size for m in self.members}
+        if len(sizes) != 1:
+            raise ValueError(f"AestheticEnsemble scores the same crops with every model, but the models take "
+                             f"{sorted(sizes)} pixels; use CLIP models of one input size.")
+        self.size = sizes.pop()
+        self.weights = weights
+        self.score_range = None if score_range is None else (float(score_range[0]), float(score_range[1]))
+        self.cutouts = Cutouts(self.size, cutouts, cut_power) if cutouts else None
+        self.target = target
+        self.eval().requires_grad_(False)
+
+    def _head_score(self, member: AestheticScore, pixels: Tensor) -> Tensor:
+        dtype = member.projection.weight.dtype
+        embeds = member.projection(member.vision(pixel_values=pixels.to(dtype)).pooler_output)
+        score = member.head(F.normalize(embeds, dim=-1))[:, 0].to(pixels.dtype)
+        return score if self.score_range is None else score.clamp(*self.score_range)
+
+    def score(self, images: Tensor) -> Tensor:
+        """The ensemble score ``(B,)`` of images ``(B, C, H, W)`` in [0, 1]."""
+        images = as_rgb(images)
+        if self.cutouts is None:
+            crops = resize_center_crop(images, self.size)[None]
+        else:
+            crops = self.cutouts(images)  # (K, B, C, size, size)
+        pixels = normalize(crops.flatten(0, 1), CLIP_MEAN, CLIP_STD)
+        total = 0
+        for w, member in zip(self.weights, self.members):
+            total = total + w * self._head_score(member, pixels).view(len(crops), len(images)).mean(0)
+        return total / len(self.members)
 
     def forward(self, images: Tensor, batch: dict[str, Any]) -> Tensor:
         score = self.score(images)

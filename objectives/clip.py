@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,8 @@ from torch import Tensor
 
 from sdo_lightning._hub import offline
 from sdo_lightning.contracts import Objective
-from sdo_lightning.objectives._inputs import as_rgb, normalize, prompts_for, resize_center_crop
+from sdo_lightning.objectives._inputs import as_rgb, normalize, plain_resize, prompts_for, resize_center_crop
+from sdo_lightning.objectives.augment import DiffAugment
 
 # CLIP's published preprocessing statistics (used when the model directory has no processor config).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -100,9 +101,26 @@ class CLIPScore(Objective):
             (e.g. ``openai/clip-vit-large-patch14``).
         prompt: the text to match; None to read ``batch["prompt"]`` (one string per sample).
         local_files_only: never reach the network (also implied by ``HF_HUB_OFFLINE=1``).
+        augment_copies: score each image as the mean over this many DiffAugment copies of it
+            (:class:`~sdo_lightning.objectives.augment.DiffAugment`, drawn from the global torch
+            generator every call); 0 scores the image itself. The authors' released
+            text-editing script uses 20: the gradient then rewards what every view shows,
+            not what fools CLIP at one framing.
+        augment_policy: the DiffAugment operations, comma-separated.
+        resize: ``processor``: the transform above; ``bilinear`` or ``bicubic``: a plain
+            ``F.interpolate`` of the whole image to the tower's size, without antialiasing or
+            crop, as the released scripts do (``bilinear`` in the text-editing one).
     """
 
-    def __init__(self, model: str, prompt: str | None = None, local_files_only: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        prompt: str | None = None,
+        local_files_only: bool | None = None,
+        augment_copies: int = 0,
+        augment_policy: str = "color,translation,resize,cutout",
+        resize: Literal["processor", "bilinear", "bicubic"] = "processor",
+    ) -> None:
         super().__init__()
         from transformers import CLIPModel, CLIPTokenizer
 
@@ -121,11 +139,19 @@ class CLIPScore(Objective):
         config = clip_preprocessing(model, self.size, local_files_only)
         self.crop, self.resize, self.interpolation = config["crop"], config["resize"], config["interpolation"]
         self.mean, self.std = config["mean"], config["std"]
+        if resize not in ("processor", "bilinear", "bicubic"):
+            raise ValueError(f"CLIPScore resize must be 'processor', 'bilinear' or 'bicubic', got {resize!r}.")
+        self.resize_mode = resize
+        if augment_copies < 0:
+            raise ValueError(f"CLIPScore augment_copies must be >= 0 (0: no augmentation), got {augment_copies}.")
+        self.augment = DiffAugment(augment_copies, augment_policy) if augment_copies else None
         self._text_cache: dict[str, Tensor] = {}
 
     def preprocess(self, images: Tensor) -> Tensor:
         """Images ``(B, C, H, W)`` in [0, 1] -> CLIP pixel values, differentiably."""
         images = as_rgb(images)
+        if self.resize_mode != "processor":
+            return normalize(plain_resize(images, self.size, self.resize_mode), self.mean, self.std)
         resize = tuple(images.shape[-2:]) if self.resize is None else self.resize  # do_resize: false
         return normalize(resize_center_crop(images, self.crop, resize, self.interpolation), self.mean, self.std)
 
@@ -148,6 +174,11 @@ class CLIPScore(Objective):
 
     def forward(self, images: Tensor, batch: dict[str, Any]) -> Tensor:
         prompts = prompts_for("CLIPScore", self.prompt, batch, len(images))
-        cosine = (self.image_embeds(images) * self.text_embeds(prompts).to(images.dtype)).sum(-1)
+        text = self.text_embeds(prompts).to(images.dtype)
+        if self.augment is None:
+            cosine = (self.image_embeds(images) * text).sum(-1)
+        else:  # the mean cosine over each image's augmented copies
+            copies = self.image_embeds(self.augment(images)).view(len(images), self.augment.copies, -1)
+            cosine = (copies * text[:, None]).sum(-1).mean(1)
         self.terms = {"clip_score": cosine.detach()}
         return 1 - cosine

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -15,6 +15,7 @@ from sdo_lightning.objectives._inputs import (
     load_image,
     normalize,
     offline_default,
+    plain_resize,
     resize_center_crop,
 )
 from sdo_lightning.objectives.clip import CLIP_MEAN, CLIP_STD
@@ -41,6 +42,16 @@ class CLIPStyleLoss(Objective):
         layer: which hidden state: 0 is the patch embedding, ``j`` the output of encoder layer
             ``j``. The paper uses the third layer.
         local_files_only: never reach the network (also implied by ``HF_HUB_OFFLINE=1``).
+        gram: ``per_token``: ``F^T F / N`` (default); ``sum``: ``F^T F``, as the authors'
+            released style script computes it.
+        reduction: ``sum`` of the squared differences of the Gram entries (Eq. 24's squared
+            Frobenius norm, default) or their ``mean`` (the released script). ``sum``/``mean``
+            and ``gram: sum`` together give ``N^2 / D^2`` times the default loss (N patch
+            tokens, D channels: 0.065 for ViT-B/16 at 224 px); Adam steps barely change with a
+            constant factor, an SGD step does.
+        resize: ``processor``: antialiased bicubic resize of the short side and center crop;
+            ``bicubic`` or ``bilinear``: a plain ``F.interpolate`` of the whole image to the
+            tower's size, without antialiasing (the released script: ``bicubic``).
     """
 
     def __init__(
@@ -49,9 +60,18 @@ class CLIPStyleLoss(Objective):
         reference: str | os.PathLike,
         layer: int = 3,
         local_files_only: bool | None = None,
+        gram: Literal["per_token", "sum"] = "per_token",
+        reduction: Literal["sum", "mean"] = "sum",
+        resize: Literal["processor", "bilinear", "bicubic"] = "processor",
     ) -> None:
         super().__init__()
         from transformers import CLIPVisionModel
+
+        if gram not in ("per_token", "sum") or reduction not in ("sum", "mean") or \
+                resize not in ("processor", "bilinear", "bicubic"):
+            raise ValueError(f"CLIPStyleLoss takes gram 'per_token' or 'sum', reduction 'sum' or 'mean' and resize "
+                             f"'processor', 'bilinear' or 'bicubic'; got {gram!r}, {reduction!r}, {resize!r}.")
+        self.gram_kind, self.reduction, self.resize_mode = gram, reduction, resize
         from transformers.utils import logging as hf_logging
 
         self.register_buffer("reference", load_image(reference, "style reference image"), persistent=False)
@@ -82,9 +102,15 @@ class CLIPStyleLoss(Objective):
     def gram(self, images: Tensor) -> Tensor:
         """The ``(B, D, D)`` Gram matrices of ``images`` ``(B, C, H, W)`` in [0, 1]."""
         dtype = next(self.vision.parameters()).dtype
-        pixels = normalize(resize_center_crop(as_rgb(images), self.size), CLIP_MEAN, CLIP_STD).to(dtype)
+        images = as_rgb(images)
+        if self.resize_mode == "processor":
+            images = resize_center_crop(images, self.size)
+        else:
+            images = plain_resize(images, self.size, self.resize_mode)
+        pixels = normalize(images, CLIP_MEAN, CLIP_STD).to(dtype)
         hidden = self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[self.layer]
-        return gram(hidden[:, 1:].to(images.dtype))  # token 0 is the class token
+        tokens = hidden[:, 1:].to(images.dtype)  # token 0 is the class token
+        return gram(tokens) if self.gram_kind == "per_token" else tokens.transpose(1, 2) @ tokens
 
     def reference_gram(self, like: Tensor) -> Tensor:
         """The reference's ``(D, D)`` Gram matrix, computed once per device and dtypes."""
@@ -96,6 +122,6 @@ class CLIPStyleLoss(Objective):
 
     def forward(self, images: Tensor, batch: dict[str, Any]) -> Tensor:
         diff = self.gram(images) - self.reference_gram(images)
-        loss = diff.pow(2).sum((1, 2))
+        loss = diff.pow(2).sum((1, 2)) if self.reduction == "sum" else diff.pow(2).mean((1, 2))
         self.terms = {"style_loss": loss.detach()}
         return loss

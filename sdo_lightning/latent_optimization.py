@@ -76,6 +76,10 @@ class LatentOptimization(OptimizationModule):
             / ``sdo test`` and ``sdo predict`` compute on the data module's evaluation rows
             (``data.eval_samples``); here row ``i`` is optimized sample ``i`` as the variable makes
             it now, its reference the unoptimized sample.
+        decode_clamp: how decoded images are clamped to [0, 1]: ``straight_through`` (the
+            gradient passes as if unclamped, so saturated pixels can still move back) or
+            ``hard`` (``torch.clamp``: saturated pixels give no gradient, as the authors' released
+            scripts do). Sets the backbone's ``decode_clamp``.
     """
 
     def __init__(
@@ -91,8 +95,12 @@ class LatentOptimization(OptimizationModule):
         on_nonfinite: Literal["skip", "stop"] = "skip",
         held_out_objective: Objective | None = None,
         evaluation: Evaluation | None = lazy_instance(Evaluation),
+        decode_clamp: Literal["straight_through", "hard"] = "straight_through",
     ) -> None:
         super().__init__(seed, on_nonfinite)
+        if decode_clamp not in ("straight_through", "hard"):
+            raise ValueError(f"decode_clamp must be 'straight_through' or 'hard', got {decode_clamp!r}.")
+        backbone.decode_clamp = decode_clamp
         self.target = as_target(target)
         self.target.check(solver)
         if isinstance(gradient_mode, SearchMode):
@@ -209,8 +217,18 @@ class LatentOptimization(OptimizationModule):
 
     def objective_batch(self, batch: dict[str, Any], index: Tensor, latent: Tensor) -> dict[str, Any]:
         """What the objectives see for samples ``index``: the data module's ``batch``, the unoptimized
-        samples (``initial_images``) and the trajectories' start latents (``latent``)."""
-        return {**batch, "initial_images": self.initial_images[index], "latent": latent}
+        samples (``initial_images``), the trajectories' start latents (``latent``) and the number of
+        optimizer steps taken (``step``; during fit, else ``max_steps`` when known: evaluation
+        scores as the last step did)."""
+        return {**batch, "initial_images": self.initial_images[index], "latent": latent, "step": self._objective_step()}
+
+    def _objective_step(self) -> int:
+        trainer = self._trainer
+        if trainer is None:
+            return 0
+        if trainer.training:
+            return int(trainer.global_step)
+        return max(int(trainer.global_step), int(trainer.max_steps or 0))
 
     # -- training ----------------------------------------------------------------------------
     def compute_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:

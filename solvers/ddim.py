@@ -30,6 +30,11 @@ class DDIM(Solver):
         scheduler_kwargs: overrides of the ``DDIMScheduler`` config. ``clip_sample`` and
             ``thresholding`` default to False here because a saturated clamp zeroes the SDO
             gradient; setting them True warns.
+        use_clipped_model_output: with ``clip_sample``, recompute epsilon from the clamped x_0
+            (diffusers' option of the same name, which the authors' released scripts pass):
+            ``eps = (x_t - sqrt(alpha_bar_t) * clamp(x0_hat)) / sqrt(1 - alpha_bar_t)``. Where the
+            clamp saturates the step then keeps a skip path ``x_t / sqrt(1 - alpha_bar_t)``, where
+            without it no gradient passes. Without ``clip_sample`` it changes nothing but rounding.
     """
 
     scheduler_cls = DDIMScheduler
@@ -41,14 +46,17 @@ class DDIM(Solver):
         eta: float = 0.0,
         start_timestep: int | None = None,
         scheduler_kwargs: dict[str, Any] | None = None,
+        use_clipped_model_output: bool = False,
     ) -> None:
         super().__init__(num_inference_steps, start_timestep, scheduler_kwargs)
+        self.use_clipped_model_output = use_clipped_model_output
         if not 0.0 <= eta <= 1.0:  # past 1 the step takes the square root of a negative variance
             raise ValueError(f"DDIM eta must be in [0, 1] (0 deterministic, 1 DDPM-like), got {eta}.")
         self.eta = eta
 
     def step(self, model_output: Tensor, t: Tensor, x: Tensor, state: SolverState) -> Tensor:
         out = state.scheduler.step(
-            model_output, t, x, eta=self.eta, generator=state.generator, return_dict=True
+            model_output, t, x, eta=self.eta, generator=state.generator, return_dict=True,
+            use_clipped_model_output=self.use_clipped_model_output,
         )
         return out.prev_sample

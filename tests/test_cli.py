@@ -26,10 +26,10 @@ def test_config_opens_with_run_line(path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_parses_and_instantiates(path, tiny_weights, tmp_path, monkeypatch):
-    if path.parent.name in ("paper", "models") or "accelerator: gpu" in path.read_text():
+    if path.parent.name in ("paper", "models", "released") or "accelerator: gpu" in path.read_text():
         # their real models cannot be loaded here: tests/test_paper_configs.py runs configs/paper
-        # on tiny models, each family's test runs its configs/models files, tests/test_ddp.py
-        # parses configs/multi_gpu
+        # on tiny models, tests/test_released_configs.py configs/released, each family's test runs
+        # its configs/models files, tests/test_ddp.py parses configs/multi_gpu
         pytest.skip("needs real model weights (and a GPU); tested on tiny models elsewhere")
     monkeypatch.chdir(tmp_path)
     cli = main(["--config", str(path), "--trainer.logger", "false"], run=False)

@@ -46,6 +46,9 @@ def _objectives():
     from sdo_lightning.digits.judge import DigitsJudge
 
     return {
+        # whole images (cutouts 0): random crops differ between the calls check_per_sample compares
+        "AestheticEnsemble": lambda f: o.AestheticEnsemble([f["mlp"], f["mlp"]], [f["clip"], f["clip"]], [0.5, 1.5],
+                                                           cutouts=0),
         "AestheticScore": lambda f: o.AestheticScore(mlp=f["mlp"], model=f["clip"]),
         "CLIPScore": lambda f: o.CLIPScore(f["clip"], prompt="a cat"),
         "CLIPStyleLoss": lambda f: o.CLIPStyleLoss(f["clip"], reference=f["png"], layer=2),
@@ -57,6 +60,7 @@ def _objectives():
                                                                          target_class=2),
         "ImageRewardScore": lambda f: o.ImageRewardScore(f["image_reward"][0], tokenizer=f["image_reward"][1],
                                                          prompt="a cat"),
+        "L1Fidelity": lambda f: o.L1Fidelity(),
         "L2Fidelity": lambda f: o.L2Fidelity(),
         "LPIPSFidelity": lambda f: o.LPIPSFidelity(f["vgg"], f["lin"]),
         # it scores batch["latent"], which this test's batch lacks: the images stand in for the latent

@@ -37,12 +37,17 @@ class Backbone(nn.Module, abc.ABC):
         lora_target_modules: layer names LoRA adapts by default (peft ``target_modules``).
         fused_lora: the LoRA weights fused into the network at load time (e.g. an LCM-LoRA), or
             None; the solver check reads it.
+        decode_clamp: how ``decode`` clamps images to [0, 1]: ``straight_through`` (default:
+            clamped values, the gradient passed as if unclamped, see :func:`unit_range`) or
+            ``hard`` (``torch.clamp``: no gradient to pixels outside, as the authors' released
+            scripts do); ``LatentOptimization(decode_clamp=...)`` sets it.
     """
 
     scheduler_config: dict[str, Any]
     latent_shape: tuple[int, int, int]
     lora_target_modules: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
     fused_lora: str | None = None
+    decode_clamp: str = "straight_through"
 
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -133,12 +138,14 @@ def row_timesteps(t: Tensor, rows: int) -> Tensor:
     return t.reshape(-1).repeat(rows // t.numel())
 
 
-def unit_range(images: Tensor) -> Tensor:
-    """``images`` clamped to [0, 1] in the forward pass only.
+def unit_range(images: Tensor, hard: bool = False) -> Tensor:
+    """``images`` clamped to [0, 1] in the forward pass only (or, ``hard``, a plain clamp).
 
     A plain clamp would give no gradient to the many pixels just outside [0, 1], so an
     objective could never move them back in.
     """
+    if hard:
+        return images.clamp(0, 1)
     return images + (images.clamp(0, 1) - images).detach()
 
 
@@ -222,11 +229,12 @@ class TextConditionedBackbone(Backbone):
     def decode(self, latents: Tensor) -> Tensor:
         from sdo_lightning.backbones.loading import vae_decode
 
+        hard = self.decode_clamp == "hard"
         if self.checkpoint_decode and torch.is_grad_enabled() and latents.requires_grad:
             from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(vae_decode, self.vae, latents, use_reentrant=False)
-        return vae_decode(self.vae, latents)
+            return checkpoint(vae_decode, self.vae, latents, hard, use_reentrant=False)
+        return vae_decode(self.vae, latents, hard)
 
     def encode(self, images: Tensor) -> Tensor:
         from sdo_lightning.backbones.loading import vae_encode

@@ -120,12 +120,13 @@ def epsilon_half(out: Tensor, channels: int) -> Tensor:
     return out[:, :channels] if out.shape[1] == 2 * channels else out
 
 
-def vae_decode(vae: nn.Module, latents: Tensor) -> Tensor:
-    """Images in [0, 1] from the diffusion model's scaled latents, differentiably."""
+def vae_decode(vae: nn.Module, latents: Tensor, hard_clamp: bool = False) -> Tensor:
+    """Images in [0, 1] from the diffusion model's scaled latents, differentiably (see
+    :func:`unit_range` for the clamp)."""
     cfg = vae.config
     z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
     images = vae.decode(z.to(vae.dtype)).sample.to(latents.dtype)
-    return unit_range((images + 1) / 2)
+    return unit_range((images + 1) / 2, hard_clamp)
 
 
 def vae_encode(vae: nn.Module, images: Tensor) -> Tensor:

@@ -156,7 +156,7 @@ class PixelUNetBackbone(Backbone):
 
     def decode(self, latents: Tensor) -> Tensor:
         # The UNet works on images scaled to [-1, 1]; the decoder is that affine map.
-        return unit_range((latents + 1) / 2)
+        return unit_range((latents + 1) / 2, self.decode_clamp == "hard")
 
     def encode(self, images: Tensor) -> Tensor:
         return images * 2 - 1
