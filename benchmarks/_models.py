@@ -85,11 +85,8 @@ def _attention_weights(network: nn.Module) -> list[nn.Parameter]:
 
 
 def _tokenizers() -> Any:
-    """tests/tiny_models.py: a character-level CLIP tokenizer and T5-style tokenizer built offline."""
-    tests = str(Path(__file__).resolve().parent.parent / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import tiny_models
+    """sdo_lightning.testing.tiny_models: a character-level CLIP tokenizer and T5-style tokenizer built offline."""
+    from sdo_lightning.testing import tiny_models
 
     return tiny_models
 

@@ -4,10 +4,14 @@ The public plugin contracts are :class:`Objective`, :class:`Solver` and :class:`
 :func:`sample` is the one sampling loop that composes them.
 """
 
+from sdo_lightning import _moved
+
+_moved.install()  # the old module paths (sdo_lightning.latent_optimization, ...) for one release
+
 from sdo_lightning.contracts import GradientMode, GradientPlan, Objective, Solver, SolverState, Target
-from sdo_lightning.picard import Picard, PicardStats
-from sdo_lightning.sampling import Denoiser, Step, StepCallback, sample
-from sdo_lightning.search import BestOfN, SearchMode, ZeroOrder
+from sdo_lightning.sampling.picard import Picard, PicardStats
+from sdo_lightning.sampling.loop import Denoiser, Step, StepCallback, sample
+from sdo_lightning.searches import BestOfN, SearchMode, ZeroOrder
 
 __version__ = "0.1.0"
 

@@ -81,11 +81,11 @@ def unregister(kind: str, name: str) -> None:
 _BUILTINS: dict[str, tuple[str, ...]] = {
     "objectives": ("sdo_lightning.objectives", "sdo_lightning.digits.judge"),
     "solvers": ("sdo_lightning.solvers",),
-    "gradient_modes": ("sdo_lightning.gradient_modes", "sdo_lightning.search"),
+    "gradient_modes": ("sdo_lightning.gradient_modes", "sdo_lightning.searches"),
     "backbones": ("sdo_lightning.backbones",),
-    "modules": ("sdo_lightning.latent_optimization", "sdo_lightning.reward_finetuning"),
-    "data": ("sdo_lightning.data",),
-    "targets": ("sdo_lightning.targets",),
+    "modules": ("sdo_lightning.modules.latent_optimization", "sdo_lightning.modules.reward_finetuning"),
+    "data": ("sdo_lightning.training.data",),
+    "targets": ("sdo_lightning.modules.targets",),
 }
 
 

@@ -33,8 +33,8 @@ from sdo_lightning import progress
 from sdo_lightning.contracts import GradientMode, GradientPlan, Target
 
 if TYPE_CHECKING:
-    from sdo_lightning.latent_optimization import LatentOptimization
-    from sdo_lightning.targets import OptimizationTarget
+    from sdo_lightning.modules.latent_optimization import LatentOptimization
+    from sdo_lightning.modules.targets import OptimizationTarget
 
 
 def candidate_seed(seed: int, index: int, step: int, candidate: int) -> int:
@@ -107,7 +107,7 @@ class BestOfN(SearchMode):
     """
 
     def check_target(self, target: "OptimizationTarget") -> None:
-        from sdo_lightning.targets import StartNoise
+        from sdo_lightning.modules.targets import StartNoise
 
         if type(target) is not StartNoise or target.linf_radius is not None:
             raise ValueError(

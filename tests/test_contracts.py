@@ -12,11 +12,11 @@ from torch import nn
 from objective_fixtures import check_per_sample, style_png, tiny_clip  # noqa: F401
 from sdo_lightning import registry, sample
 from sdo_lightning.solvers import DDIM, FlowMatchEuler
-from tiny_flux import build_tiny_flux
-from tiny_models import build_tiny_ddpm, build_tiny_pixart, build_tiny_sd
-from tiny_sd3 import build_tiny_sd3
-from tiny_sdxl import build_tiny_sdxl
-from tiny_objective_models import (TinyOpenCLIP, aesthetic_state, install_fake_open_clip, install_fake_torchvision,
+from sdo_lightning.testing.tiny_flux import build_tiny_flux
+from sdo_lightning.testing.tiny_models import build_tiny_ddpm, build_tiny_pixart, build_tiny_sd
+from sdo_lightning.testing.tiny_sd3 import build_tiny_sd3
+from sdo_lightning.testing.tiny_sdxl import build_tiny_sdxl
+from sdo_lightning.testing.tiny_objective_models import (TinyOpenCLIP, aesthetic_state, install_fake_open_clip, install_fake_torchvision,
                                    lpips_lin_state, save, vgg16_state)
 
 

@@ -367,7 +367,7 @@ def test_truncated_rejects_unreachable_latent():
 def test_every_gradient_mode_plans_a_graph(name, target):
     """Contract test over every registered gradient mode (the gradient-free searches plan no graph:
     they refuse to, naming the module that runs them)."""
-    from sdo_lightning.search import SearchMode
+    from sdo_lightning.searches import SearchMode
 
     mode = registry.classes("gradient_modes")[name]()
     if isinstance(mode, SearchMode):

@@ -9,11 +9,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from sdo_lightning import Objective, sample
 from sdo_lightning.backbones import DigitsBackbone
-from sdo_lightning.data import SampleSet
-from sdo_lightning.latent_optimization import LatentOptimization
-from sdo_lightning.search import BestOfN, ZeroOrder, candidate_seed
+from sdo_lightning.training.data import SampleSet
+from sdo_lightning.modules.latent_optimization import LatentOptimization
+from sdo_lightning.searches import BestOfN, ZeroOrder, candidate_seed
 from sdo_lightning.solvers import DDIM
-from sdo_lightning.targets import ConditionEmbedding, IntermediateLatent, StartNoise
+from sdo_lightning.modules.targets import ConditionEmbedding, IntermediateLatent, StartNoise
 
 from test_cli import ROOT
 
@@ -153,7 +153,7 @@ def test_best_of_n_refuses_targets_other_than_the_start_noise(target, tiny_digit
 
 @pytest.mark.parametrize("mode", [BestOfN(), ZeroOrder()], ids=["best_of_n", "zero_order"])
 def test_a_search_refuses_reward_fine_tuning(mode, tiny_digits_dir, tmp_path):
-    from sdo_lightning.reward_finetuning import RewardFineTuning
+    from sdo_lightning.modules.reward_finetuning import RewardFineTuning
 
     name = type(mode).__name__
     with pytest.raises(ValueError, match=rf"^{name} searches without gradients, so it plans no network graph: use it "
@@ -219,7 +219,7 @@ class NaNOnCall(DigitThree, register=False):
 
 
 def test_a_non_finite_candidate_skips_the_search_step_or_stops(tiny_digits_dir, tmp_path):
-    from sdo_lightning.module_base import NonFiniteError
+    from sdo_lightning.modules.base import NonFiniteError
 
     m = LatentOptimization(objective=NaNOnCall(classifier(tiny_digits_dir), at=1), backbone=DigitsBackbone(tiny_digits_dir),
                            solver=DDIM(3), gradient_mode=BestOfN(candidates=2), seed=SEED)

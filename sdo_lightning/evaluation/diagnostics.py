@@ -13,7 +13,7 @@ from torch import Tensor
 
 from sdo_lightning.contracts import GradientMode, GradientPlan, Target
 from sdo_lightning.gradient_modes import FullBackprop, TruncatedBackprop
-from sdo_lightning.module_base import OptimizationModule
+from sdo_lightning.modules.base import OptimizationModule
 from sdo_lightning.sampling import Step, sample
 
 
@@ -185,7 +185,7 @@ def picard_contraction(
     solvers whose step depends on the current state alone (DDIM); returns (nan, x*) otherwise.
     Costs two trajectories of network calls. Returns the estimate and x* (the next guess).
     """
-    from sdo_lightning.picard import Picard
+    from sdo_lightning.sampling.picard import Picard
 
     solver = Picard.unwrap(solver)  # the operator of the wrapped solver's steps
     fixed = trajectory(denoiser, solver, x_start, cond, scheduler_config)

@@ -14,7 +14,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from sdo_lightning import progress, registry
 from sdo_lightning.backbones import Backbone
-from sdo_lightning.checkpoint_io import SafeCheckpointIO
+from sdo_lightning.training.checkpoint_io import SafeCheckpointIO
 from sdo_lightning.contracts import Solver, Target
 
 
@@ -25,7 +25,7 @@ class NonFiniteError(FloatingPointError):
 def check_solver_fits_backbone(solver: Solver, backbone: Backbone) -> None:
     """Refuse a flow solver on a diffusion model and the other way round; warn when an LCM solver
     meets a model that is not LCM-distilled, or the other way round."""
-    from sdo_lightning.picard import Picard
+    from sdo_lightning.sampling.picard import Picard
     from sdo_lightning.solvers import FlowMatchEuler, LCMMultistep
 
     solver = Picard.unwrap(solver)  # Picard samples with the solver it wraps
@@ -284,7 +284,7 @@ class OptimizationModule(LightningModule):
 
 
     # -- evaluation: sdo validate / test / predict, and validation during fit ---------------------
-    #: what validation, test and predict compute (a :class:`~sdo_lightning.metrics.Evaluation`);
+    #: what validation, test and predict compute (a :class:`~sdo_lightning.evaluation.metrics.Evaluation`);
     #: None: validation and test log nothing but the reward
     evaluation: Any = None
 
@@ -306,7 +306,7 @@ class OptimizationModule(LightningModule):
     def _eval_metrics(self, channels: int = 1) -> Any:
         metrics = getattr(self, "_metrics", None)
         if metrics is None:
-            from sdo_lightning.metrics import Evaluation, SampleMetrics
+            from sdo_lightning.evaluation.metrics import Evaluation, SampleMetrics
 
             # plain tensors, whichever mode the first evaluation runs in; building networks draws their
             # initial weights from the global generators, which the training's draws must not see
@@ -325,7 +325,7 @@ class OptimizationModule(LightningModule):
             batch["seed"].tolist(), [0] * n if labels is None else labels.tolist(), batch.get("prompt") or [None] * n)]
         todo = [i for i, key in enumerate(keys) if key not in cache]
         if todo:
-            from sdo_lightning.data import batch_rows
+            from sdo_lightning.training.data import batch_rows
 
             with progress.global_rng_unchanged():
                 made = self.generate_reference(batch_rows(batch, torch.tensor(todo)))
@@ -398,7 +398,7 @@ class OptimizationModule(LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """The images of the evaluation rows (and the unoptimized model's, unless
         ``evaluation.predict_base`` is off), with the rows' seeds and conditions, for
-        :class:`~sdo_lightning.callbacks.PredictionWriter`."""
+        :class:`~sdo_lightning.training.callbacks.PredictionWriter`."""
         with progress.global_rng_unchanged():
             out: dict[str, Any] = {"images": self.generate_for_eval(batch).detach().float().cpu()}
             if self.evaluation is None or self.evaluation.predict_base:
@@ -415,8 +415,8 @@ class OptimizationModule(LightningModule):
 
     def evaluation_callbacks(self) -> list[Callback]:
         """The callbacks validation and predict need, unless the trainer has its own:
-        :class:`~sdo_lightning.callbacks.PredictionWriter`."""
-        from sdo_lightning.callbacks import PredictionWriter
+        :class:`~sdo_lightning.training.callbacks.PredictionWriter`."""
+        from sdo_lightning.training.callbacks import PredictionWriter
 
         if any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
             return []
@@ -424,8 +424,8 @@ class OptimizationModule(LightningModule):
 
     def solver_name(self) -> str:
         """The solver as the HParams tab and model cards record it: its class name, or for a
-        :class:`~sdo_lightning.picard.Picard` its repr (which names the solver it wraps)."""
-        from sdo_lightning.picard import Picard
+        :class:`~sdo_lightning.sampling.picard.Picard` its repr (which names the solver it wraps)."""
+        from sdo_lightning.sampling.picard import Picard
 
         solver = getattr(self, "solver", None)
         return repr(solver) if isinstance(solver, Picard) else type(solver).__name__

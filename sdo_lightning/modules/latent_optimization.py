@@ -13,17 +13,17 @@ from torch import Tensor, nn
 
 from sdo_lightning import progress
 from sdo_lightning.backbones import Backbone, DigitsBackbone
-from sdo_lightning.callbacks import LatentResults
+from sdo_lightning.training.callbacks import LatentResults
 from sdo_lightning.contracts import GradientMode, Objective, Solver, Target
-from sdo_lightning.data import batch_rows, shard
+from sdo_lightning.training.data import batch_rows, shard
 from sdo_lightning.gradient_modes import ShortcutGradient
-from sdo_lightning.metrics import Evaluation
-from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
-from sdo_lightning.picard import Picard
+from sdo_lightning.evaluation.metrics import Evaluation
+from sdo_lightning.modules.base import OptimizationModule, check_solver_fits_backbone
+from sdo_lightning.sampling.picard import Picard
 from sdo_lightning.sampling import sample
-from sdo_lightning.search import SearchMode
+from sdo_lightning.searches import SearchMode
 from sdo_lightning.solvers import DDIM
-from sdo_lightning.targets import OptimizationTarget, as_target
+from sdo_lightning.modules.targets import OptimizationTarget, as_target
 
 
 class LatentOptimization(OptimizationModule):
@@ -35,7 +35,7 @@ class LatentOptimization(OptimizationModule):
     unoptimized samples) and ``latent``: each trajectory's start latent as the optimized variable
     makes it, differentiable (what :class:`~sdo_lightning.objectives.NoiseNormPrior` scores; with
     ``target: embedding`` it is the fixed noise). Each sample's best image (lowest loss seen) is
-    kept; at the end of fit the :class:`~sdo_lightning.callbacks.LatentResults` callback (added
+    kept; at the end of fit the :class:`~sdo_lightning.training.callbacks.LatentResults` callback (added
     unless the trainer has one) writes the before/after grid ``before_after.png``, the images
     ``samples.npz`` (``before``, ``after``: ``(B, C, H, W)`` in [0, 1]) and ``summary.json`` to the
     log directory.
@@ -52,10 +52,10 @@ class LatentOptimization(OptimizationModule):
         backbone: the diffusion model; default: the embedded digits model.
         solver: the sampler; default DDIM with 50 steps.
         gradient_mode: which network calls keep their graph; default SDO. A search
-            (:mod:`sdo_lightning.search`: ``BestOfN``, ``ZeroOrder``) instead proposes candidates of
+            (:mod:`sdo_lightning.searches`: ``BestOfN``, ``ZeroOrder``) instead proposes candidates of
             the variable every step, scores them without gradient and keeps each sample's best
             (manual optimization; ``max_steps`` counts search steps).
-        target: what is optimized (see :mod:`sdo_lightning.targets`): ``x_T`` (``StartNoise``: the
+        target: what is optimized (see :mod:`sdo_lightning.modules.targets`): ``x_T`` (``StartNoise``: the
             starting noise, kept on its norm shell), ``x_t`` (``IntermediateLatent``: the latent at
             ``solver.start_timestep``, reached by sampling without gradient or, with
             ``invert_images``, by DDIM inversion of real images) or ``embedding``
@@ -260,7 +260,7 @@ class LatentOptimization(OptimizationModule):
 
     @torch.no_grad()
     def _search_step(self, batch: dict[str, Any]) -> None:
-        """One step of a :class:`~sdo_lightning.search.SearchMode`: score its candidates for this
+        """One step of a :class:`~sdo_lightning.searches.SearchMode`: score its candidates for this
         process's samples, log the best of them as a gradient step logs its images, count the
         step on the optimizer (no gradients: it changes nothing) and move each sample to its best
         candidate if that beats the lowest loss seen (the current point's)."""

@@ -18,10 +18,10 @@ from sdo_lightning.backbones import Backbone, DigitsBackbone
 from sdo_lightning.contracts import GradientMode, Objective, Target
 from sdo_lightning.contracts import Solver
 from sdo_lightning.gradient_modes import ShortcutGradient
-from sdo_lightning.picard import Picard
-from sdo_lightning.callbacks import SampleImages
-from sdo_lightning.metrics import Evaluation
-from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
+from sdo_lightning.sampling.picard import Picard
+from sdo_lightning.training.callbacks import SampleImages
+from sdo_lightning.evaluation.metrics import Evaluation
+from sdo_lightning.modules.base import OptimizationModule, check_solver_fits_backbone
 from sdo_lightning.sampling import sample
 from sdo_lightning.solvers import DDIM
 
@@ -37,8 +37,8 @@ class RewardFineTuning(OptimizationModule):
 
     The starting noise of a sample is a function of the seed, the optimizer step, the micro-batch
     within the step (gradient accumulation) and the sample's ``batch["index"]`` alone, so a run on
-    several processes (DDP: each process gets its own samples, see :class:`~sdo_lightning.data.SampleSet`
-    and :class:`~sdo_lightning.data.PromptSet`) draws exactly what one process would draw for the
+    several processes (DDP: each process gets its own samples, see :class:`~sdo_lightning.training.data.SampleSet`
+    and :class:`~sdo_lightning.training.data.PromptSet`) draws exactly what one process would draw for the
     combined batch, and a resumed run draws what an uninterrupted one would. DDP averages the
     per-process mean losses' gradients: the gradient of the mean over the combined batch.
 
@@ -91,7 +91,7 @@ class RewardFineTuning(OptimizationModule):
         adapter: str | None = None,
     ) -> None:
         super().__init__(seed, on_nonfinite)
-        from sdo_lightning.search import SearchMode
+        from sdo_lightning.searches import SearchMode
 
         if isinstance(gradient_mode, SearchMode):
             raise ValueError(gradient_mode.refusal())

@@ -22,7 +22,7 @@ from sdo_lightning import progress, registry
 from sdo_lightning.contracts import Solver, Target
 
 if TYPE_CHECKING:
-    from sdo_lightning.latent_optimization import LatentOptimization
+    from sdo_lightning.modules.latent_optimization import LatentOptimization
 
 
 class OptimizationTarget(abc.ABC):
@@ -144,7 +144,7 @@ class IntermediateLatent(_Latent):
 
 
 def _invert(batch: dict[str, Any], cond: Any, module: "LatentOptimization", device: torch.device) -> Tensor:
-    from sdo_lightning.inversion import invert
+    from sdo_lightning.sampling.inversion import invert
 
     backbone = module.backbone
     if "image" not in batch:

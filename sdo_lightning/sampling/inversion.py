@@ -28,7 +28,7 @@ def invert(
 ) -> Tensor:
     """The latent at the solver's first timestep whose trajectory ends at ``x0``, approximately:
     :func:`flow_invert` for a flow solver, :func:`ddim_invert` for the others."""
-    from sdo_lightning.picard import Picard
+    from sdo_lightning.sampling.picard import Picard
     from sdo_lightning.solvers import FlowMatchEuler
 
     solver = Picard.unwrap(solver)  # inversion walks the wrapped solver's schedule step by step

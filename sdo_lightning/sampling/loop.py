@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from sdo_lightning.contracts import GradientMode, GradientPlan, Solver, Target
-from sdo_lightning.picard import Picard
+from sdo_lightning.sampling.picard import Picard
 
 #: ``denoiser(x, t, cond) -> model_output``; guidance (CFG) lives inside the denoiser.
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
@@ -73,8 +73,8 @@ def sample(
         denoiser: ``denoiser(x, t, cond)`` returns the network output (epsilon, v or x_0, as the
             scheduler config's ``prediction_type`` says), guidance included.
         solver: the :class:`Solver`; a fresh scheduler is built for this trajectory. A
-            :class:`~sdo_lightning.picard.Picard` solver computes the calls that keep no graph in
-            parallel sweeps first (see :mod:`sdo_lightning.picard`).
+            :class:`~sdo_lightning.sampling.picard.Picard` solver computes the calls that keep no graph in
+            parallel sweeps first (see :mod:`sdo_lightning.sampling.picard`).
         x: the start latent: noise at the solver's first timestep (x_T, or x_t when the solver
             has a ``start_timestep``).
         cond: conditioning handed to ``denoiser`` unchanged.

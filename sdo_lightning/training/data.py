@@ -311,7 +311,7 @@ class PromptSet(_DataModule):
     micro-batch ``k`` of process ``rank`` taking positions ``(k * world_size + rank) * batch_size``
     onwards. So a run on 2 processes sees exactly the prompts of a 1-process run with twice the
     batch, and a resumed run draws what an uninterrupted one would. Each row's ``index`` is its
-    position in the step, which :class:`~sdo_lightning.reward_finetuning.RewardFineTuning`
+    position in the step, which :class:`~sdo_lightning.modules.reward_finetuning.RewardFineTuning`
     uses (with the step) to seed that sample's starting noise.
 
     Batches hold ``prompt`` (a list of strings, what text-conditioned backbones read), ``index``
