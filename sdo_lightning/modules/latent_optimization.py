@@ -15,7 +15,7 @@ from sdo_lightning import progress
 from sdo_lightning.backbones import Backbone, DigitsBackbone
 from sdo_lightning.training.callbacks import LatentResults
 from sdo_lightning.contracts import GradientMode, Objective, Solver, Target
-from sdo_lightning.training.data import batch_rows, shard
+from sdo_lightning.training.rows import batch_rows, condition_rows, gather_rows, shard
 from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.evaluation.metrics import Evaluation
 from sdo_lightning.modules.base import OptimizationModule, check_solver_fits_backbone
@@ -138,23 +138,7 @@ class LatentOptimization(OptimizationModule):
 
     def _gather_rows(self, index: Tensor, rows: Tensor, n: int) -> Tensor:
         """Every process's ``rows`` (of samples ``index``, its shard) assembled into ``(n, ...)``."""
-        rank, world_size = self.world
-        if world_size == 1:
-            out = rows.new_zeros((n, *rows.shape[1:]))
-            out[index.to(rows.device)] = rows
-            return out
-        # shards differ in size by at most one: pad to the largest, gather, drop the padding
-        size = -(-n // world_size)
-        padded = rows.new_zeros((size, *rows.shape[1:]))
-        padded[: len(rows)] = rows
-        where = torch.full((size,), -1, dtype=torch.long, device=rows.device)
-        where[: len(index)] = index.to(rows.device)
-        all_rows = _all_gather(padded).reshape(world_size * size, *rows.shape[1:])
-        all_where = _all_gather(where).reshape(-1)
-        keep = all_where >= 0
-        out = rows.new_zeros((n, *rows.shape[1:]))
-        out[all_where[keep]] = all_rows[keep]
-        return out
+        return gather_rows(index, rows, n, self.world[1])
 
     @torch.no_grad()
     def _prepare(self, batch: dict[str, Any], device: torch.device) -> None:
@@ -164,7 +148,7 @@ class LatentOptimization(OptimizationModule):
         cond = self.backbone.encode_condition(batch)
         seeds = [progress.latent_noise_seed(self.seed, i) for i in batch["index"].tolist()]
         noise = progress.normal(self.backbone.latent_shape, seeds).to(device)
-        part = self.target.start_latent(noise[mine], _rows(cond, mine), batch_rows(batch, mine), self)
+        part = self.target.start_latent(noise[mine], condition_rows(cond, mine), batch_rows(batch, mine), self)
         start = self._gather_rows(mine, part, n)
         self.register_buffer("start_latent", start)
         if isinstance(cond, Tensor):
@@ -442,17 +426,3 @@ class _Terms:
 def _pick(better: Tensor, new: Tensor, old: Tensor) -> Tensor:
     """Row ``i`` of ``new`` where ``better[i]``, else of ``old``."""
     return torch.where(better.view(-1, *[1] * (new.dim() - 1)), new, old)
-
-
-def _rows(cond: Any, index: Tensor) -> Any:
-    """The conditioning of samples ``index`` (a tensor, or an indexable condition object)."""
-    return cond[index.to(cond.device)] if isinstance(cond, Tensor) else cond[index]
-
-
-def _all_gather(tensor: Tensor) -> Tensor:
-    """``(world_size, *tensor.shape)``: every process's ``tensor`` (no autograd: results only)."""
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.stack(parts)

@@ -10,27 +10,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sdo_lightning import progress, registry
-
-
-def shard(n: int, rank: int, world_size: int) -> torch.Tensor:
-    """The sample indices process ``rank`` of ``world_size`` owns: ``rank, rank + world_size, ...``.
-
-    Every index lands on exactly one process; shard sizes differ by at most one.
-    """
-    if n < world_size:
-        raise ValueError(
-            f"{n} samples cannot be shared by {world_size} processes; give at least num_samples={world_size} "
-            "or run on fewer devices."
-        )
-    return torch.arange(rank, n, world_size)
-
-
-def batch_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
-    """The rows ``index`` of every column of ``batch`` (tensors and per-sample lists)."""
-    rows = index.tolist()
-    return {key: value[index.to(value.device)] if isinstance(value, torch.Tensor)
-            else [value[i] for i in rows] if isinstance(value, list) else value
-            for key, value in batch.items()}
+from sdo_lightning.training.rows import batch_rows, shard  # noqa: F401 (also imported from here)
 
 
 def _rank_and_world(trainer: Any) -> tuple[int, int]:
