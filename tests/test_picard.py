@@ -211,7 +211,7 @@ def test_copy_with_another_schedule_leaves_the_original_alone():
     prefix = copy.copy(picard)
     prefix.start_timestep = None
     assert picard.start_timestep == 600 and prefix.start_timestep is None
-    assert Picard.unwrap(picard) is picard.solver and Picard.unwrap(picard.solver) is picard.solver
+    assert picard.unwrap() is picard.solver and picard.solver.unwrap() is picard.solver
 
 
 class _Brightness(Objective, register=False):

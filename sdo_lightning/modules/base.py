@@ -16,23 +16,17 @@ from sdo_lightning import progress, registry
 from sdo_lightning.backbones import Backbone
 from sdo_lightning.training.checkpoint_io import SafeCheckpointIO
 from sdo_lightning.contracts import Solver, Target
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient was NaN or infinite and the module was told to stop (``on_nonfinite: stop``)."""
+from sdo_lightning.errors import NonFiniteError  # noqa: F401 (raised here; also imported from here)
 
 
 def check_solver_fits_backbone(solver: Solver, backbone: Backbone) -> None:
     """Refuse a flow solver on a diffusion model and the other way round; warn when an LCM solver
     meets a model that is not LCM-distilled, or the other way round."""
-    from sdo_lightning.sampling.picard import Picard
-    from sdo_lightning.solvers import FlowMatchEuler, LCMMultistep
-
-    solver = Picard.unwrap(solver)  # Picard samples with the solver it wraps
-    flow_solver = isinstance(solver, FlowMatchEuler)
+    solver = solver.unwrap()  # a wrapper (Picard) samples with the solver it wraps
+    flow_solver = solver.predicts == "velocity"
     if flow_solver != backbone.flow_matching:
         model = "a rectified-flow model (velocity)" if backbone.flow_matching else "a diffusion model (noise prediction)"
-        fix = "FlowMatchEuler" if backbone.flow_matching else "DDIM, DPMSolverPlusPlus or LCMMultistep"
+        fix = _solvers_for(backbone.flow_matching)
         raise ValueError(f"{type(backbone).__name__} holds {model}, which solver {type(solver).__name__} cannot "
                          f"sample; use solver {fix}.")
 
@@ -40,17 +34,26 @@ def check_solver_fits_backbone(solver: Solver, backbone: Backbone) -> None:
     lcm_model = backbone.lcm_distilled
     lcm_lora = backbone.fused_lora is not None  # e.g. an LCM-LoRA fused at load time
     name = type(backbone).__name__
-    if isinstance(solver, LCMMultistep) and not (lcm_model or lcm_lora):
+    if solver.for_lcm_models and not (lcm_model or lcm_lora):
         rank_zero_warn(
             f"solver LCMMultistep on {name}, which does not look LCM-distilled (no guidance embedding, scheduler "
             f"{scheduler_name or 'unknown'}, no LCM-LoRA recorded): its samples will be poor; use DDIM or "
             "DPMSolverPlusPlus, or load an LCM model or LCM-LoRA (StableDiffusionBackbone lora: ...)."
         )
-    elif lcm_model and not isinstance(solver, LCMMultistep):
+    elif lcm_model and not solver.for_lcm_models:
+        lcm = " or ".join(n for n, c in registry.classes("solvers").items() if c.for_lcm_models)
         rank_zero_warn(
             f"{name} holds an LCM-distilled model but the solver is {type(solver).__name__}: use solver "
-            "LCMMultistep with 1-8 steps, since LCMs are not trained for other samplers."
+            f"{lcm} with 1-8 steps, since LCMs are not trained for other samplers."
         )
+
+
+def _solvers_for(flow_matching: bool) -> str:
+    """The registered solvers of a rectified flow (``flow_matching``) or of a diffusion model, in words
+    (wrappers such as Picard left out)."""
+    names = [n for n, c in registry.classes("solvers").items()
+             if (c.predicts == "velocity") == flow_matching and c.unwrap is Solver.unwrap]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
 
 
 class OptimizationModule(LightningModule):
@@ -423,12 +426,10 @@ class OptimizationModule(LightningModule):
         return [PredictionWriter()]
 
     def solver_name(self) -> str:
-        """The solver as the HParams tab and model cards record it: its class name, or for a
-        :class:`~sdo_lightning.sampling.picard.Picard` its repr (which names the solver it wraps)."""
-        from sdo_lightning.sampling.picard import Picard
-
+        """The solver as the HParams tab and model cards record it: its class name, or for a wrapper
+        such as :class:`~sdo_lightning.sampling.picard.Picard` its repr (which names the solver it wraps)."""
         solver = getattr(self, "solver", None)
-        return repr(solver) if isinstance(solver, Picard) else type(solver).__name__
+        return repr(solver) if solver is not None and solver.unwrap() is not solver else type(solver).__name__
 
     def optimizer_lr(self) -> float | None:
         """The learning rate the optimizer runs with (an ``optimizer:`` factory may set its own),

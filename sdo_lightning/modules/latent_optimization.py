@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Literal
 
@@ -14,14 +15,13 @@ from torch import Tensor, nn
 from sdo_lightning import progress
 from sdo_lightning.backbones import Backbone, DigitsBackbone
 from sdo_lightning.training.callbacks import LatentResults
-from sdo_lightning.contracts import GradientMode, Objective, Solver, Target
+from sdo_lightning.contracts import GradientMode, Objective, RunContext, Solver, Target
 from sdo_lightning.training.rows import batch_rows, condition_rows, gather_rows, shard
 from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.evaluation.metrics import Evaluation
 from sdo_lightning.modules.base import OptimizationModule, check_solver_fits_backbone
-from sdo_lightning.sampling.picard import Picard
 from sdo_lightning.sampling import sample
-from sdo_lightning.searches import SearchMode
+from sdo_lightning.searches import Search
 from sdo_lightning.solvers import DDIM
 from sdo_lightning.modules.targets import OptimizationTarget, as_target
 
@@ -52,7 +52,7 @@ class LatentOptimization(OptimizationModule):
         backbone: the diffusion model; default: the embedded digits model.
         solver: the sampler; default DDIM with 50 steps.
         gradient_mode: which network calls keep their graph; default SDO. A search
-            (:mod:`sdo_lightning.searches`: ``BestOfN``, ``ZeroOrder``) instead proposes candidates of
+            (:mod:`sdo_lightning.searches`: ``BestOfN``, ``ZeroOrder``; a plugin kind of its own) instead proposes candidates of
             the variable every step, scores them without gradient and keeps each sample's best
             (manual optimization; ``max_steps`` counts search steps).
         target: what is optimized (see :mod:`sdo_lightning.modules.targets`): ``x_T`` (``StartNoise``: the
@@ -83,7 +83,7 @@ class LatentOptimization(OptimizationModule):
         objective: Objective,
         backbone: Backbone = lazy_instance(DigitsBackbone),
         solver: Solver = lazy_instance(DDIM, num_inference_steps=50),
-        gradient_mode: GradientMode = lazy_instance(ShortcutGradient),
+        gradient_mode: GradientMode | Search = lazy_instance(ShortcutGradient),
         target: OptimizationTarget | Literal["x_T", "x_t", "embedding"] = "x_T",
         lr: float = 0.05,
         optimizer: OptimizerCallable | None = None,
@@ -93,9 +93,10 @@ class LatentOptimization(OptimizationModule):
         evaluation: Evaluation | None = lazy_instance(Evaluation),
     ) -> None:
         super().__init__(seed, on_nonfinite)
-        self.target = as_target(target)
+        # the module's own copy: the target keeps per-run state (the start latents' norms)
+        self.target = copy.copy(as_target(target))
         self.target.check(solver)
-        if isinstance(gradient_mode, SearchMode):
+        if isinstance(gradient_mode, Search):  # the contract, not a concrete class
             gradient_mode.check_target(self.target)
             # no gradient to step with: the search moves the variable itself (see _search_step)
             self.automatic_optimization = False
@@ -112,6 +113,16 @@ class LatentOptimization(OptimizationModule):
         self.optimizer_factory = optimizer
         self.seed = seed
         self.variable: nn.Parameter | None = None
+
+    @property
+    def search(self) -> Search | None:
+        """The search given as ``gradient_mode``, or None for a gradient mode."""
+        return self.gradient_mode if isinstance(self.gradient_mode, Search) else None
+
+    @property
+    def context(self) -> RunContext:
+        """What the target and a search read of this module."""
+        return RunContext(self.backbone, self.solver, self.seed)
 
     # -- set-up -----------------------------------------------------------------------------
     def _trajectory_generator(self, index: Tensor, device: torch.device | None = None) -> list[torch.Generator]:
@@ -132,8 +143,7 @@ class LatentOptimization(OptimizationModule):
         device = self.trainer.strategy.root_device
         self.backbone.to(device)
         check_solver_fits_backbone(self.solver, self.backbone)
-        if isinstance(self.solver, Picard):
-            self.solver.forget()  # trajectories of another run in this process must not warm-start this one
+        self.solver.forget()  # a Picard solver's trajectories of another run in this process must not warm-start this one
         self._prepare(datamodule.full_batch(device), device)
 
     def _gather_rows(self, index: Tensor, rows: Tensor, n: int) -> Tensor:
@@ -148,15 +158,14 @@ class LatentOptimization(OptimizationModule):
         cond = self.backbone.encode_condition(batch)
         seeds = [progress.latent_noise_seed(self.seed, i) for i in batch["index"].tolist()]
         noise = progress.normal(self.backbone.latent_shape, seeds).to(device)
-        part = self.target.start_latent(noise[mine], condition_rows(cond, mine), batch_rows(batch, mine), self)
+        part = self.target.start_latent(noise[mine], condition_rows(cond, mine), batch_rows(batch, mine), self.context)
         start = self._gather_rows(mine, part, n)
         self.register_buffer("start_latent", start)
         if isinstance(cond, Tensor):
             self.register_buffer("start_cond", cond)
         else:  # e.g. TextCondition: not a tensor, kept as it is
             self.start_cond = cond
-        self.register_buffer("shell_norm", start.flatten(1).norm(dim=1))
-        self.variable = nn.Parameter(self.target.initial_variable(start, cond, self))
+        self.variable = nn.Parameter(self.target.initial_variable(start, cond, self.context))
         images = self._gather_rows(mine, self._generate(mine, grad=False, device=device), n)
         if not bool(torch.isfinite(images).all()):
             raise ValueError(
@@ -171,7 +180,7 @@ class LatentOptimization(OptimizationModule):
     def trajectory_inputs(self, index: Tensor) -> tuple[Tensor, Any]:
         """``(start latent, conditioning)`` of the trajectories of samples ``index``, as the
         optimized variable now makes them."""
-        return self.target.trajectory_inputs(self.variable[index], self.start_latent[index], self.start_cond[index], self)
+        return self.target.trajectory_inputs(self.variable[index], self.start_latent[index], self.start_cond[index], self.context)
 
     def optimized_tensors(self) -> list[Tensor]:
         return [self.variable]
@@ -185,7 +194,7 @@ class LatentOptimization(OptimizationModule):
         with torch.set_grad_enabled(grad):
             x0 = sample(
                 self.backbone.denoise, self.solver, x, cond,
-                gradient_mode=self.gradient_mode, target=self.gradient_target(),
+                gradient_mode=None if self.search is not None else self.gradient_mode, target=self.gradient_target(),
                 generator=self._trajectory_generator(index, device), plan_generator=self._plan_generator,
                 scheduler_config=self.backbone.scheduler_config,
             )
@@ -213,7 +222,7 @@ class LatentOptimization(OptimizationModule):
             return self.held_out_objective(images.detach(), self.objective_batch(batch, index, latent))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        if isinstance(self.gradient_mode, SearchMode):
+        if self.search is not None:
             return self._search_step(batch)
         index = batch["index"]
         images, losses = self.compute_losses(batch)
@@ -244,7 +253,7 @@ class LatentOptimization(OptimizationModule):
 
     @torch.no_grad()
     def _search_step(self, batch: dict[str, Any]) -> None:
-        """One step of a :class:`~sdo_lightning.searches.SearchMode`: score its candidates for this
+        """One step of a :class:`~sdo_lightning.searches.Search`: score its candidates for this
         process's samples, log the best of them as a gradient step logs its images, count the
         step on the optimizer (no gradients: it changes nothing) and move each sample to its best
         candidate if that beats the lowest loss seen (the current point's)."""
@@ -262,28 +271,24 @@ class LatentOptimization(OptimizationModule):
             update = seen & torch.isinf(self.best_loss) & torch.isfinite(all_start)
             self.best_loss[update] = all_start[update]
 
-        best_loss = best_images = best_variable = None
-        best_terms: dict[str, Tensor] = {}
-        for candidate in self.gradient_mode.propose(self.variable[rows].detach(), index, self.global_step, self):
-            inputs = self.target.trajectory_inputs(candidate, self.start_latent[rows], self.start_cond[index], self)
+        context = self.context
+        candidates = self.search.propose(self.variable[rows].detach(), index, self.global_step, context)
+        for candidate in candidates:
+            self.target.project(candidate, rows)
+
+        def score(candidate: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+            inputs = self.target.trajectory_inputs(candidate, self.start_latent[rows], self.start_cond[index], context)
             images = self._generate(index, grad=False, inputs=inputs)
             losses = self.objective(images, self.objective_batch(batch, index, inputs[0]))
             self.check_losses(losses, len(images))
-            # a non-finite candidate is never chosen
-            losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
-            terms = {k: v.detach() for k, v in self.objective.terms.items()}
-            if best_loss is None:
-                best_loss, best_images, best_variable, best_terms = losses, images, candidate, terms
-                continue
-            better = losses < best_loss
-            best_images = _pick(better, images, best_images)
-            best_variable = _pick(better, candidate, best_variable)
-            best_terms = {k: _pick(better, v, best_terms[k]) if k in best_terms else v for k, v in terms.items()}
-            best_loss = torch.where(better, losses, best_loss)
+            return losses, images, {k: v.detach() for k, v in self.objective.terms.items()}
+
+        best = self.search.best(candidates, score)
+        best_loss, best_images, best_variable = best.loss, best.images, best.variable
 
         # the step's best candidates are what this step's network calls made: logged as a gradient
         # step logs the images it sampled
-        self.log_terms(best_loss, _Terms(best_terms))
+        self.log_terms(best_loss, _Terms(best.terms))
         if self.held_out_objective is not None:
             self.log("train/held_out", self.held_out_losses(best_images, batch).mean(), sync_dist=True)
         skipped = self.skipped_steps
@@ -299,7 +304,7 @@ class LatentOptimization(OptimizationModule):
         # Right after the update (before any callback, e.g. a checkpoint, sees the variable):
         # project the variable back onto its constraint set.
         with torch.no_grad():
-            self.target.project(self.variable, self.shell_norm)
+            self.target.project(self.variable)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is not None:
@@ -328,7 +333,7 @@ class LatentOptimization(OptimizationModule):
     def configure_callbacks(self) -> list[Callback]:
         # Lightning calls this before it checks the trainer against manual optimization: the
         # search's own refusal comes first
-        if isinstance(self.gradient_mode, SearchMode):
+        if self.search is not None:
             self._check_search_trainer()
         # the results writer, unless the trainer was given one (with its own options)
         extra = self.evaluation_callbacks()
@@ -421,8 +426,3 @@ class _Terms:
 
     def __init__(self, terms: dict[str, Tensor]) -> None:
         self.terms = terms
-
-
-def _pick(better: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    """Row ``i`` of ``new`` where ``better[i]``, else of ``old``."""
-    return torch.where(better.view(-1, *[1] * (new.dim() - 1)), new, old)
