@@ -5,7 +5,7 @@
 One SDO step w.r.t. x_T: DDIM sampling with the first call kept, the VAE decode, a CLIP score,
 backward. Options: none; ``kept_call`` (``ShortcutGradient(checkpoint=True)``); ``decode`` (the
 backbone's ``checkpoint_decode``); ``objective`` (``Checkpointed(CLIPScore)``); ``all`` three.
-Families: ``tiny`` (tests/tiny_models.py's SD pipeline and CLIP) and ``sd15`` (the SD-1.5 UNet
+Families: ``tiny`` (sdo_lightning/testing/tiny_models.py's SD pipeline and CLIP) and ``sd15`` (the SD-1.5 UNet
 and VAE from their published configs with random weights, benchmarks/_models.py, and a CLIP
 ViT-L/14-sized vision tower with random weights), at a small latent size on this CPU.
 

@@ -215,28 +215,6 @@ def build_pixart(device: torch.device, seed: int, latent_size: int, guidance: fl
                 list(ATTENTION))
 
 
-def build(name: str, device: torch.device, args: Any) -> Case:
-    """The case ``name`` for gradient_cost.py's arguments."""
-    speed = {"compile": args.compile, "channels_last": args.channels_last}
-    latent = args.sd_latent_size or NATIVE_LATENT.get(name)
-    if name in ("sdxl", "sd3", "flux"):
-        from _families import build_family
-
-        case = build_family(name, device, args.seed, latent, small=args.tiny_sd, sd3_variant=args.sd3_variant,
-                            flux_variant=args.flux_variant, **speed)
-    elif name == "tiny":
-        case = build_tiny(device, args.seed, **speed)
-    elif name == "embedded":
-        case = build_embedded(device, args.seed, **speed)
-    elif name == "pixart":
-        case = build_pixart(device, args.seed, latent, 4.5, small=args.tiny_sd, **speed)
-    else:
-        case = build_sd15(device, args.seed, latent, args.guidance, small=args.tiny_sd, **speed)
-    if args.lora_modules:
-        case.lora_modules = list(args.lora_modules)
-    return case
-
-
 def add_adapters(case: Case, seed: int) -> None:
     """A rank-4 LoRA on ``case.lora_modules`` with small random B (so the adapters act), folding ready."""
     from sdo_lightning.lora import AdapterFolding, add_lora

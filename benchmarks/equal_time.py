@@ -140,7 +140,7 @@ def digits_module(model: str, method: str, seed: int, samples: int, steps: int |
 
 
 def tiny_sd_module(method: str, seed: int, samples: int, steps: int | None, root: Path) -> tuple[Any, Any, Any]:
-    """The same LatentOptimization on a tiny random Stable Diffusion pipeline (tests/tiny_models.py),
+    """The same LatentOptimization on a tiny random Stable Diffusion pipeline (sdo_lightning/testing/tiny_models.py),
     optimizing a tiny CLIP score; the judge is PickScore on a second tiny CLIP."""
     from sdo_lightning.testing import tiny_models
 
