@@ -13,6 +13,7 @@ from torch import Tensor
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from sdo_lightning import progress, registry
+from sdo_lightning._moved import current_path
 from sdo_lightning.backbones import Backbone
 from sdo_lightning.training.checkpoint_io import SafeCheckpointIO
 from sdo_lightning.contracts import Solver, Target
@@ -243,7 +244,8 @@ class OptimizationModule(LightningModule):
         when it matches (or the checkpoint has none). A setting one side does not record is not
         compared (checkpoints written outside ``sdo fit`` record no config). With ``evaluation``
         (validate, test, predict) only what defines the model is compared: the module, the base
-        model and :attr:`base_model_settings`."""
+        model and :attr:`base_model_settings`. Class paths of modules that moved since (see
+        :mod:`sdo_lightning._moved`) compare as their current paths, so runs of earlier releases resume."""
         if saved is None:
             return None
         mine = self.run_fingerprint()
@@ -252,7 +254,7 @@ class OptimizationModule(LightningModule):
                  and (not evaluation or k in self.base_model_entries)]
         if "config" in mine and "config" in saved:
             theirs, ours = saved["config"], mine["config"]
-            keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)
+            keys = sorted(k for k in set(theirs) | set(ours) if _current(theirs.get(k)) != _current(ours.get(k))
                           and (not evaluation or k.startswith(self.base_model_settings)))
             diffs += [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in keys[:3]]
             if len(keys) > 3:
@@ -359,3 +361,8 @@ class OptimizationModule(LightningModule):
     def log_hparams_with_metrics(self, params: dict[str, Any]) -> None:
         """Put ``params`` in TensorBoard's HParams tab beside the last evaluation's numbers."""
         self.evaluator.log_hparams(self, params)
+
+
+def _current(value: Any) -> Any:
+    """A recorded setting as this release names it: a class path of a moved module mapped to its new one."""
+    return current_path(value) if isinstance(value, str) else value
