@@ -110,3 +110,18 @@ def test_a_lora_run_of_the_earlier_release_resumes_and_predicts(runs):
     exported = _predict(_today(config), None, "--model.adapter", "lora/lora")
     np.testing.assert_allclose(exported["images"], old["images"], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(exported["base"], old["base"])
+
+
+@pytest.mark.parametrize("old", sorted(__import__("sdo_lightning._moved", fromlist=["MOVED"]).MOVED))
+def test_an_old_module_path_still_imports_with_a_deprecation_warning(old):
+    import importlib
+    import sys
+
+    from sdo_lightning._moved import MOVED
+
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=rf"{re.escape(old)} moved to {re.escape(MOVED[old])}"):
+        module = importlib.import_module(old)
+    new = importlib.import_module(MOVED[old])
+    public = [name for name in vars(new) if not name.startswith("_")]
+    assert public and all(getattr(module, name) is getattr(new, name) for name in public)

@@ -265,6 +265,8 @@ def test_searches_are_their_own_kind_and_reward_fine_tuning_refuses_one_at_parse
 
     assert {"BestOfN", "ZeroOrder"} <= set(registry.names("searches"))
     assert not {"BestOfN", "ZeroOrder"} & set(registry.names("gradient_modes"))
+    listed = [line.split()[:2] for line in registry.format_table(registry.registered()).splitlines()]  # sdo plugins
+    assert ["searches", "BestOfN"] in listed and ["searches", "ZeroOrder"] in listed
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(ROOT / "configs" / "digits" / "finetune_lora.yaml"), "--model.gradient_mode",
