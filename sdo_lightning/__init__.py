@@ -1,7 +1,7 @@
 """sdo-lightning: Shortcut Diffusion Optimization on PyTorch Lightning.
 
-The public plugin contracts are :class:`Objective`, :class:`Solver` and :class:`GradientMode`;
-:func:`sample` is the one sampling loop that composes them.
+The public plugin contracts are :class:`Objective`, :class:`Solver`, :class:`GradientMode` and
+:class:`Search`; :func:`sample` is the one sampling loop that composes them.
 """
 
 from sdo_lightning import _moved
@@ -11,7 +11,7 @@ _moved.install()  # the old module paths (sdo_lightning.latent_optimization, ...
 from sdo_lightning.contracts import GradientMode, GradientPlan, Objective, Solver, SolverState, Target
 from sdo_lightning.sampling.picard import Picard, PicardStats
 from sdo_lightning.sampling.loop import Denoiser, Step, StepCallback, sample
-from sdo_lightning.searches import BestOfN, SearchMode, ZeroOrder
+from sdo_lightning.searches import BestOfN, Search, SearchMode, ZeroOrder
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "Objective",
     "Picard",
     "PicardStats",
+    "Search",
     "SearchMode",
     "Solver",
     "SolverState",
