@@ -3,7 +3,7 @@
 The denoisers and VAEs take the published configs (the model repos' ``unet/``, ``transformer/``
 and ``vae/config.json``; see BENCHMARKS.md for which values the installed diffusers confirms);
 the text encoders are small random ones whose output widths are what the denoiser reads (their
-cost is outside the sampling loop), with tokenizers from tests/tiny_models.py. ``small`` builds
+cost is outside the sampling loop), with tokenizers from sdo_lightning/testing/tiny_models.py. ``small`` builds
 each family at test size (same code path, tens of thousands of weights). The configs live in
 :func:`denoiser_config` so that ``--count-params`` counts exactly what the benchmark builds.
 """
@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from _models import ATTENTION, PROMPT, Case, _to, _tokenizers, _weighted_mean
+from _models import (ATTENTION, NATIVE_LATENT, PROMPT, Case, _to, _tokenizers, _weighted_mean, build_embedded,
+                     build_pixart, build_sd15, build_tiny)
 
 FAMILIES = ("sdxl", "sd3", "flux")
 #: published sizes of the denoisers (model cards / release notes), for --count-params
@@ -33,7 +34,7 @@ SDXL_UNET = dict(
     cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816, norm_num_groups=32,
 )
-# tests/tiny_sdxl.py's shape: two encoders of widths 8 and 16, pooled projection 12, time ids 6 x 4
+# sdo_lightning/testing/tiny_sdxl.py's shape: two encoders of widths 8 and 16, pooled projection 12, time ids 6 x 4
 SDXL_UNET_SMALL = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -59,7 +60,7 @@ FLUX_TRANSFORMER = dict(
     patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, axes_dims_rope=(16, 56, 56),
 )
-# diffusers' own FLUX tests' config (as tests/tiny_flux.py)
+# diffusers' own FLUX tests' config (as sdo_lightning/testing/tiny_flux.py)
 FLUX_SMALL = dict(
     patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
     joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
@@ -76,7 +77,7 @@ def denoiser_config(name: str, small: bool, sd3_variant: str = "3-medium", flux_
         return UNet2DConditionModel, dict(SDXL_UNET_SMALL if small else SDXL_UNET)
     if name == "sd3":
         config = dict(SD3_SMALL if small else SD35_MEDIUM if sd3_variant == "3.5-medium" else SD3_MEDIUM)
-        if small and sd3_variant == "3.5-medium":  # the first block with the second attention, as tests/tiny_sd3.py
+        if small and sd3_variant == "3.5-medium":  # the first block with the second attention, as sdo_lightning/testing/tiny_sd3.py
             config.update(dual_attention_layers=(0,), qk_norm="rms_norm")
         return SD3Transformer2DModel, config
     if name == "flux":
@@ -221,3 +222,23 @@ def build_family(name: str, device: torch.device, seed: int, latent_size: int, s
         modules = list(FluxBackbone.lora_target_modules)
     return Case(name, backbone, backbone.encode_condition({"prompt": [PROMPT]}), (1, *backbone.latent_shape),
                 _weighted_mean((1, 3, side, side), device, seed + 1), _projection_weights(network, modules), modules)
+
+
+def build(name: str, device: torch.device, args: Any) -> Case:
+    """The case ``name`` for gradient_cost.py's arguments."""
+    speed = {"compile": args.compile, "channels_last": args.channels_last}
+    latent = args.sd_latent_size or NATIVE_LATENT.get(name)
+    if name in ("sdxl", "sd3", "flux"):
+        case = build_family(name, device, args.seed, latent, small=args.tiny_sd, sd3_variant=args.sd3_variant,
+                            flux_variant=args.flux_variant, **speed)
+    elif name == "tiny":
+        case = build_tiny(device, args.seed, **speed)
+    elif name == "embedded":
+        case = build_embedded(device, args.seed, **speed)
+    elif name == "pixart":
+        case = build_pixart(device, args.seed, latent, 4.5, small=args.tiny_sd, **speed)
+    else:
+        case = build_sd15(device, args.seed, latent, args.guidance, small=args.tiny_sd, **speed)
+    if args.lora_modules:
+        case.lora_modules = list(args.lora_modules)
+    return case

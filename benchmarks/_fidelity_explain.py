@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from sdo_lightning import Target
-from sdo_lightning.diagnostics import picard_contraction, trajectory
+from sdo_lightning.evaluation.diagnostics import picard_contraction, trajectory
 from sdo_lightning.gradient_modes import DRTune, FullBackprop, ShortcutGradient
 
 from _fidelity_core import Setting, cosine, latent_grad, loss_of_images, ratio, run
@@ -148,7 +148,7 @@ def eq18_check(setting: Setting, h: float = 1e-6) -> dict[str, float]:
 
 # -- (d) the Picard lambda --------------------------------------------------------------------------
 def picard_lambda(setting: Setting, perturbation: float = 0.1) -> float:
-    """lambda of Theorem 4.1 as ``sdo_lightning.diagnostics.picard_contraction`` estimates it, from
+    """lambda of Theorem 4.1 as ``sdo_lightning.evaluation.diagnostics.picard_contraction`` estimates it, from
     the trajectory of a perturbed start latent as the guess (its start replaced by the true one).
     DDIM with eta 0 only (nan otherwise)."""
     b = setting.backbone

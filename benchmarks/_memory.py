@@ -5,7 +5,7 @@
 One SDO step w.r.t. x_T: DDIM sampling with the first call kept, the VAE decode, a CLIP score,
 backward. Options: none; ``kept_call`` (``ShortcutGradient(checkpoint=True)``); ``decode`` (the
 backbone's ``checkpoint_decode``); ``objective`` (``Checkpointed(CLIPScore)``); ``all`` three.
-Families: ``tiny`` (tests/tiny_models.py's SD pipeline and CLIP) and ``sd15`` (the SD-1.5 UNet
+Families: ``tiny`` (sdo_lightning/testing/tiny_models.py's SD pipeline and CLIP) and ``sd15`` (the SD-1.5 UNet
 and VAE from their published configs with random weights, benchmarks/_models.py, and a CLIP
 ViT-L/14-sized vision tower with random weights), at a small latent size on this CPU.
 
@@ -96,8 +96,7 @@ class SavedBytes:
 def _large_clip(root: Path) -> Path:
     """A CLIPModel with CLIP ViT-L/14's vision tower (24 layers, width 1024, 224 px) and a
     one-layer text tower, random weights, with the tests' tiny tokenizer."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny_models import build_tiny_tokenizer
+    from sdo_lightning.testing.tiny_models import build_tiny_tokenizer
     from transformers import CLIPConfig, CLIPModel
 
     tokenizer, vocab = build_tiny_tokenizer(root)
@@ -114,8 +113,6 @@ def _large_clip(root: Path) -> Path:
 
 
 def child(family: str, option: str, latent_size: int, steps: int) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from sdo_lightning import sample
     from sdo_lightning.backbones import StableDiffusionBackbone
     from sdo_lightning.gradient_modes import ShortcutGradient
@@ -126,7 +123,7 @@ def child(family: str, option: str, latent_size: int, steps: int) -> dict:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         if family == "tiny":
-            from tiny_models import build_tiny_clip, build_tiny_sd
+            from sdo_lightning.testing.tiny_models import build_tiny_clip, build_tiny_sd
 
             backbone = StableDiffusionBackbone(str(build_tiny_sd(Path(tmp) / "sd")), guidance_scale=7.5)
             objective = CLIPScore(str(build_tiny_clip(Path(tmp) / "clip")), prompt="a cat")

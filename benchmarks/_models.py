@@ -85,11 +85,8 @@ def _attention_weights(network: nn.Module) -> list[nn.Parameter]:
 
 
 def _tokenizers() -> Any:
-    """tests/tiny_models.py: a character-level CLIP tokenizer and T5-style tokenizer built offline."""
-    tests = str(Path(__file__).resolve().parent.parent / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import tiny_models
+    """sdo_lightning.testing.tiny_models: a character-level CLIP tokenizer and T5-style tokenizer built offline."""
+    from sdo_lightning.testing import tiny_models
 
     return tiny_models
 
@@ -216,28 +213,6 @@ def build_pixart(device: torch.device, seed: int, latent_size: int, guidance: fl
     return Case("pixart", backbone, backbone.encode_condition({"prompt": [PROMPT]}), (1, *backbone.latent_shape),
                 _weighted_mean((1, 3, side, side), device, seed + 1), _attention_weights(transformer),
                 list(ATTENTION))
-
-
-def build(name: str, device: torch.device, args: Any) -> Case:
-    """The case ``name`` for gradient_cost.py's arguments."""
-    speed = {"compile": args.compile, "channels_last": args.channels_last}
-    latent = args.sd_latent_size or NATIVE_LATENT.get(name)
-    if name in ("sdxl", "sd3", "flux"):
-        from _families import build_family
-
-        case = build_family(name, device, args.seed, latent, small=args.tiny_sd, sd3_variant=args.sd3_variant,
-                            flux_variant=args.flux_variant, **speed)
-    elif name == "tiny":
-        case = build_tiny(device, args.seed, **speed)
-    elif name == "embedded":
-        case = build_embedded(device, args.seed, **speed)
-    elif name == "pixart":
-        case = build_pixart(device, args.seed, latent, 4.5, small=args.tiny_sd, **speed)
-    else:
-        case = build_sd15(device, args.seed, latent, args.guidance, small=args.tiny_sd, **speed)
-    if args.lora_modules:
-        case.lora_modules = list(args.lora_modules)
-    return case
 
 
 def add_adapters(case: Case, seed: int) -> None:

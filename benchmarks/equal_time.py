@@ -115,7 +115,7 @@ class Clock(Callback):
 
 
 def _no_results() -> Callback:
-    from sdo_lightning.callbacks import LatentResults
+    from sdo_lightning.training.callbacks import LatentResults
 
     class NoResults(LatentResults):
         """Stands in for the results writer: a benchmark run writes nothing."""
@@ -140,19 +140,16 @@ def digits_module(model: str, method: str, seed: int, samples: int, steps: int |
 
 
 def tiny_sd_module(method: str, seed: int, samples: int, steps: int | None, root: Path) -> tuple[Any, Any, Any]:
-    """The same LatentOptimization on a tiny random Stable Diffusion pipeline (tests/tiny_models.py),
+    """The same LatentOptimization on a tiny random Stable Diffusion pipeline (sdo_lightning/testing/tiny_models.py),
     optimizing a tiny CLIP score; the judge is PickScore on a second tiny CLIP."""
-    tests = str(ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import tiny_models
+    from sdo_lightning.testing import tiny_models
 
     from sdo_lightning.backbones import StableDiffusionBackbone
-    from sdo_lightning.data import SampleSet
+    from sdo_lightning.training.data import SampleSet
     from sdo_lightning.gradient_modes import FullBackprop, ShortcutGradient, TruncatedBackprop
-    from sdo_lightning.latent_optimization import LatentOptimization
+    from sdo_lightning.modules.latent_optimization import LatentOptimization
     from sdo_lightning.objectives import CLIPScore, PickScore
-    from sdo_lightning.search import BestOfN, ZeroOrder
+    from sdo_lightning.searches import BestOfN, ZeroOrder
     from sdo_lightning.solvers import DDIM
 
     if not (root / "sd").is_dir():

@@ -37,10 +37,8 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _fidelity_core as core  # noqa: E402
-import _fidelity_explain as explain  # noqa: E402
+import _fidelity_core as core
+import _fidelity_explain as explain
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "fidelity_results"

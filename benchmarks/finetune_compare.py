@@ -20,11 +20,11 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from sdo_lightning.backbones import DigitsBackbone
-from sdo_lightning.data import SampleSet
+from sdo_lightning.training.data import SampleSet
 from sdo_lightning.digits import WEIGHTS_DIR, DigitClassifier
 from sdo_lightning.gradient_modes import ShortcutGradient, TruncatedBackprop
 from sdo_lightning.objectives import ClassifierObjective
-from sdo_lightning.reward_finetuning import RewardFineTuning
+from sdo_lightning.modules.reward_finetuning import RewardFineTuning
 from sdo_lightning.solvers import DDIM
 
 MODES = {

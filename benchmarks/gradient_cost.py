@@ -79,8 +79,9 @@ from typing import Any
 import torch
 
 from _measure import MODES, TARGETS, Run, log, measure_row, timed_run
-from _models import NATIVE_LATENT, add_adapters, build
-from sdo_lightning.module_base import check_solver_fits_backbone
+from _families import build
+from _models import NATIVE_LATENT, add_adapters
+from sdo_lightning.modules.base import check_solver_fits_backbone
 from sdo_lightning.solvers import DDIM, DPMSolverPlusPlus, FlowMatchEuler, LCMMultistep
 
 SOLVERS = {"DDIM": DDIM, "DPMSolverPlusPlus": DPMSolverPlusPlus, "LCMMultistep": LCMMultistep,

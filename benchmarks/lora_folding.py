@@ -17,7 +17,7 @@ import torch
 
 from sdo_lightning.backbones import DigitsBackbone
 from sdo_lightning.objectives import ClassifierObjective
-from sdo_lightning.reward_finetuning import RewardFineTuning
+from sdo_lightning.modules.reward_finetuning import RewardFineTuning
 from sdo_lightning.sampling import sample
 from sdo_lightning.solvers import DDIM
 

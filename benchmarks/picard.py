@@ -6,7 +6,7 @@
 Each variant fits the quickstart config's LatentOptimization in this process, as ``sdo fit`` builds
 it (configs/quickstart.yaml: 16 samples, DDIM 50 steps, 50 Adam steps, lr 0.05;
 configs/digits/flow_quickstart.yaml: the same on the flow model with 50 Euler steps), with the
-solver as the config says (``sequential``) or wrapped in :class:`~sdo_lightning.picard.Picard`
+solver as the config says (``sequential``) or wrapped in :class:`~sdo_lightning.sampling.picard.Picard`
 started cold every step (``cold``) or from the previous step's trajectory of each sample
 (``warm``). Per optimizer step it records the sweeps, the sequential rounds of network calls
 (sequential: N; Picard: the sweeps plus the kept call), the network evaluations (one per sample
@@ -106,7 +106,7 @@ class Record(Callback):
 
 
 def _no_results() -> Callback:
-    from sdo_lightning.callbacks import LatentResults
+    from sdo_lightning.training.callbacks import LatentResults
 
     class NoResults(LatentResults):
         def on_fit_end(self, trainer: Trainer, pl_module: Any) -> None:
@@ -148,7 +148,7 @@ def sampling_pass(module: Any) -> dict[str, float]:
 
 
 def run(model: str, variant: str, steps: int, args: argparse.Namespace, sink: Any) -> dict[str, Any]:
-    from sdo_lightning.picard import Picard
+    from sdo_lightning.sampling.picard import Picard
 
     torch.manual_seed(0)
     module, data = build(model)

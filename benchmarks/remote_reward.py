@@ -55,7 +55,6 @@ class StepTimer(Callback):
 
 
 def run(served: bool, steps: int, samples: int) -> dict[str, float]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _models import cli_parts
 
     from sdo_lightning.objectives import RemoteObjective

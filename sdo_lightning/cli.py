@@ -33,8 +33,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdo_lightning import registry
-from sdo_lightning.callbacks import InterruptCheckpoint
-from sdo_lightning.checkpoint_io import read_checkpoint
+from sdo_lightning.training.callbacks import InterruptCheckpoint
+from sdo_lightning.training.checkpoint_io import read_checkpoint
 
 VERBOSE_ENV = "SDO_VERBOSE_ERRORS"
 #: Lightning's notes that are expected in every sdo fit, silenced while the command runs: the

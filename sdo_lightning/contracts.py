@@ -1,7 +1,8 @@
-"""The three public plugin contracts: :class:`Objective`, :class:`Solver`, :class:`GradientMode`.
+"""The public plugin contracts: :class:`Objective`, :class:`Solver`, :class:`GradientMode`, and the
+:class:`RunContext` that optimization targets and searches read.
 
-A plugin is a subclass of one of these (or of :class:`~sdo_lightning.backbones.Backbone`, the
-fourth kind). Defining (importing) a concrete subclass registers it under its class name; see
+A plugin is a subclass of one of these (or of :class:`~sdo_lightning.backbones.Backbone` or
+:class:`~sdo_lightning.searches.Search`, the other two kinds, each beside its built-ins). Defining (importing) a concrete subclass registers it under its class name; see
 :mod:`sdo_lightning.registry` for the table and how third-party packages are found.
 """
 
@@ -12,7 +13,7 @@ import functools
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -91,6 +92,15 @@ class Solver(abc.ABC):
     scheduler_cls: ClassVar[type]
     #: config values this project sets unless the user overrides them (see the warnings)
     default_overrides: ClassVar[dict[str, Any]] = {}
+    #: what the network this solver steps with predicts: ``"noise"`` for a diffusion model (epsilon,
+    #: or v / x_0 as the scheduler config's ``prediction_type`` says), ``"sample"`` for a model of
+    #: x_0 alone, ``"velocity"`` for a rectified flow; a backbone's ``flow_matching`` must agree
+    predicts: ClassVar[Literal["noise", "sample", "velocity"]] = "noise"
+    #: the step reads the current latent and network output only, no history of earlier steps
+    #: (what Picard's sweeps need)
+    first_order: ClassVar[bool] = False
+    #: made for latent-consistency (LCM-distilled) models: poor on others, and they on other solvers
+    for_lcm_models: ClassVar[bool] = False
 
     def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -204,6 +214,28 @@ class Solver(abc.ABC):
         """Return ``x`` at the next (lower-noise) timestep. Must stay differentiable in both
         ``model_output`` and ``x``."""
 
+    # -- what kind of solver this is, for the code around it -----------------------------------
+    def nondeterminism(self) -> str | None:
+        """None when :meth:`step` is a deterministic function of its inputs; else what makes it
+        draw fresh noise, and the setting that stops it (``"has eta=0.5; set eta: 0"``)."""
+        return None
+
+    def prepare(self, denoiser: Callable[[Tensor, Tensor, Any], Tensor], x: Tensor, cond: Any = None, *,
+                generator: torch.Generator | list[torch.Generator] | None = None,
+                scheduler_config: dict[str, Any] | None = None, num_calls: int | None = None,
+                progress: bool = False) -> tuple[Callable[[Tensor, Tensor, Any], Tensor], "Solver"]:
+        """The ``(denoiser, solver)`` the sampling loop runs one trajectory from ``x`` with: these
+        two unchanged, unless this solver wraps another (Picard computes the calls that keep no graph
+        first and returns a denoiser that replays them, and the solver it wraps)."""
+        return denoiser, self
+
+    def unwrap(self) -> "Solver":
+        """The solver that sets the schedule and steps: this one, or the one a wrapper wraps."""
+        return self
+
+    def forget(self) -> None:
+        """Drop whatever is kept between trajectories (a wrapper's warm starts); nothing here."""
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_inference_steps={self.num_inference_steps}, "
@@ -285,3 +317,19 @@ class GradientMode(abc.ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What an optimization target and a search may read of the module that runs them.
+
+    Attributes:
+        backbone: the diffusion model (a :class:`~sdo_lightning.backbones.Backbone`).
+        solver: the sampler.
+        seed: the run's seed, from which every per-sample stream is derived (see
+            :mod:`sdo_lightning.progress`).
+    """
+
+    backbone: Any
+    solver: Solver
+    seed: int

@@ -10,7 +10,7 @@ A package makes a plugin available by declaring, in its ``pyproject.toml``::
     MyObjective = "my_package.module:MyObjective"
 
 The groups are ``sdo_lightning.objectives``, ``sdo_lightning.solvers``,
-``sdo_lightning.gradient_modes`` and ``sdo_lightning.backbones``. The entry-point name must equal
+``sdo_lightning.gradient_modes``, ``sdo_lightning.searches`` and ``sdo_lightning.backbones``. The entry-point name must equal
 the class name (YAML refers to plugins by class name). Loading only imports the class; importing
 registers it. Set ``SDO_LIGHTNING_DISABLE_PLUGIN_AUTOLOAD=1`` to skip third-party entry points.
 
@@ -36,6 +36,7 @@ PLUGIN_KINDS: dict[str, tuple[str, str]] = {
     "objectives": ("sdo_lightning.objectives", "sdo_lightning.contracts:Objective"),
     "solvers": ("sdo_lightning.solvers", "sdo_lightning.contracts:Solver"),
     "gradient_modes": ("sdo_lightning.gradient_modes", "sdo_lightning.contracts:GradientMode"),
+    "searches": ("sdo_lightning.searches", "sdo_lightning.searches.base:Search"),
     "backbones": ("sdo_lightning.backbones", "sdo_lightning.backbones.base:Backbone"),
 }
 #: kinds that are not plugins but are chosen by class name in YAML all the same
@@ -81,11 +82,12 @@ def unregister(kind: str, name: str) -> None:
 _BUILTINS: dict[str, tuple[str, ...]] = {
     "objectives": ("sdo_lightning.objectives", "sdo_lightning.digits.judge"),
     "solvers": ("sdo_lightning.solvers",),
-    "gradient_modes": ("sdo_lightning.gradient_modes", "sdo_lightning.search"),
+    "gradient_modes": ("sdo_lightning.gradient_modes",),
+    "searches": ("sdo_lightning.searches",),
     "backbones": ("sdo_lightning.backbones",),
-    "modules": ("sdo_lightning.latent_optimization", "sdo_lightning.reward_finetuning"),
-    "data": ("sdo_lightning.data",),
-    "targets": ("sdo_lightning.targets",),
+    "modules": ("sdo_lightning.modules.latent_optimization", "sdo_lightning.modules.reward_finetuning"),
+    "data": ("sdo_lightning.training.data",),
+    "targets": ("sdo_lightning.modules.targets",),
 }
 
 

@@ -39,6 +39,7 @@ class DDIM(Solver):
 
     scheduler_cls = DDIMScheduler
     default_overrides = {"clip_sample": False, "thresholding": False}
+    first_order = True
 
     def __init__(
         self,
@@ -53,6 +54,9 @@ class DDIM(Solver):
         if not 0.0 <= eta <= 1.0:  # past 1 the step takes the square root of a negative variance
             raise ValueError(f"DDIM eta must be in [0, 1] (0 deterministic, 1 DDPM-like), got {eta}.")
         self.eta = eta
+
+    def nondeterminism(self) -> str | None:
+        return f"has eta={self.eta}; set eta: 0" if self.eta > 0 else None
 
     def step(self, model_output: Tensor, t: Tensor, x: Tensor, state: SolverState) -> Tensor:
         out = state.scheduler.step(

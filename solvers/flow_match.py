@@ -37,6 +37,8 @@ class FlowMatchEuler(Solver):
     """
 
     scheduler_cls = FlowMatchEulerDiscreteScheduler
+    predicts = "velocity"
+    first_order = True
 
     def __init__(
         self,

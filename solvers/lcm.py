@@ -28,6 +28,7 @@ class LCMMultistep(Solver):
 
     scheduler_cls = LCMScheduler
     default_overrides = {"clip_sample": False, "thresholding": False}
+    for_lcm_models = True
 
     def __init__(
         self,
@@ -42,6 +43,9 @@ class LCMMultistep(Solver):
             {"original_inference_steps": original_inference_steps, **(scheduler_kwargs or {})},
         )
         self.original_inference_steps = original_inference_steps
+
+    def nondeterminism(self) -> str | None:
+        return "re-noises with fresh noise at every step (how LCM samples)"
 
     def step(self, model_output: Tensor, t: Tensor, x: Tensor, state: SolverState) -> Tensor:
         return state.scheduler.step(model_output, t, x, generator=state.generator, return_dict=True).prev_sample

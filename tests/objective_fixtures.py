@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tiny_models import build_tiny_clip
+from sdo_lightning.testing.tiny_models import build_tiny_clip
 
 
 def rand(*shape, seed=0):

@@ -13,12 +13,12 @@ from transformers import AutoTokenizer, T5EncoderModel
 
 from sdo_lightning import Objective
 from sdo_lightning.backbones import PixArtAlphaBackbone, PixelUNetBackbone
-from sdo_lightning.data import SampleSet
-from sdo_lightning.latent_optimization import LatentOptimization
+from sdo_lightning.training.data import SampleSet
+from sdo_lightning.modules.latent_optimization import LatentOptimization
 from sdo_lightning.lora import lora_layers
-from sdo_lightning.reward_finetuning import RewardFineTuning
+from sdo_lightning.modules.reward_finetuning import RewardFineTuning
 from sdo_lightning.solvers import DDIM
-from tiny_models import build_tiny_ddpm, build_tiny_pixart
+from sdo_lightning.testing.tiny_models import build_tiny_ddpm, build_tiny_pixart
 
 PROMPTS = ["a red cat", "a dog on a hill"]
 

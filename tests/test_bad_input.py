@@ -10,14 +10,14 @@ from lightning.pytorch import Callback, Trainer
 
 from sdo_lightning import Objective
 from sdo_lightning.backbones import DigitsBackbone
-from sdo_lightning.callbacks import InterruptCheckpoint
+from sdo_lightning.training.callbacks import InterruptCheckpoint
 from sdo_lightning.cli import console_main
-from sdo_lightning.data import PromptSet, SampleSet
-from sdo_lightning.latent_optimization import LatentOptimization
-from sdo_lightning.module_base import NonFiniteError, check_solver_fits_backbone
-from sdo_lightning.reward_finetuning import RewardFineTuning
+from sdo_lightning.training.data import PromptSet, SampleSet
+from sdo_lightning.modules.latent_optimization import LatentOptimization
+from sdo_lightning.modules.base import NonFiniteError, check_solver_fits_backbone
+from sdo_lightning.modules.reward_finetuning import RewardFineTuning
 from sdo_lightning.solvers import DDIM, LCMMultistep
-from sdo_lightning.targets import IntermediateLatent
+from sdo_lightning.modules.targets import IntermediateLatent
 
 from test_cli import ROOT
 

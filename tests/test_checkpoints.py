@@ -8,7 +8,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
-from sdo_lightning.checkpoint_io import SafeCheckpointIO, read_checkpoint
+from sdo_lightning.training.checkpoint_io import SafeCheckpointIO, read_checkpoint
 
 
 class _Payload:
@@ -81,8 +81,8 @@ def test_a_write_replaces_the_file_and_clears_stale_temporaries(good):
 
 def test_modules_install_the_safe_checkpoint_io(tiny_digits_dir, tmp_path):
     from sdo_lightning.backbones import DigitsBackbone
-    from sdo_lightning.data import SampleSet
-    from sdo_lightning.latent_optimization import LatentOptimization
+    from sdo_lightning.training.data import SampleSet
+    from sdo_lightning.modules.latent_optimization import LatentOptimization
     from sdo_lightning.objectives import L2Fidelity
     from sdo_lightning.solvers import DDIM
 

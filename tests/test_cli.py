@@ -48,7 +48,7 @@ def test_print_config_has_full_class_paths(capsys, tiny_weights):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--print_config"])
     out = capsys.readouterr().out
-    assert "sdo_lightning.latent_optimization.LatentOptimization" in out
+    assert "sdo_lightning.modules.latent_optimization.LatentOptimization" in out
     assert "class_path: sdo_lightning.objectives.ClassifierObjective" in out
     assert "class_path: sdo_lightning.gradient_modes.ShortcutGradient" in out
     assert "class_path: sdo_lightning.backbones.DigitsBackbone" in out

@@ -30,7 +30,7 @@ from objective_fixtures import assert_one_sentence, check_gradient, rand
 from sdo_lightning.objectives import CLIPScore
 from sdo_lightning.objectives._inputs import normalize
 from sdo_lightning.objectives.clip import CLIP_MEAN, CLIP_STD, clip_preprocessing
-from tiny_models import build_tiny_clip
+from sdo_lightning.testing.tiny_models import build_tiny_clip
 
 MEAN_BOUND, P99_BOUND, MAX_BOUND = 0.01, 0.03, 0.25
 TINY_PROCESSOR = dict(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},

@@ -39,12 +39,13 @@ def test_python_dash_m_runs_the_command():
 
 def test_the_public_names_resolve_lazily():
     import sdo_lightning
-    from sdo_lightning import contracts, picard, sampling, search
+    from sdo_lightning import contracts, searches
+    from sdo_lightning.sampling import loop, picard
 
     public = {**{n: getattr(contracts, n) for n in ("GradientMode", "GradientPlan", "Objective", "Solver",
                                                      "SolverState", "Target")},
               **{n: getattr(picard, n) for n in ("Picard", "PicardStats")},
-              **{n: getattr(sampling, n) for n in ("Denoiser", "Step", "StepCallback", "sample")},
-              **{n: getattr(search, n) for n in ("BestOfN", "SearchMode", "ZeroOrder")}}
+              **{n: getattr(loop, n) for n in ("Denoiser", "Step", "StepCallback", "sample")},
+              **{n: getattr(searches, n) for n in ("BestOfN", "Search", "SearchMode", "ZeroOrder")}}
     assert sorted(sdo_lightning.__all__) == sorted(public)
     assert all(getattr(sdo_lightning, name) is obj for name, obj in public.items())

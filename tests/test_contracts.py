@@ -12,13 +12,13 @@ from torch import nn
 from objective_fixtures import check_per_sample, style_png, tiny_clip  # noqa: F401
 from sdo_lightning import registry, sample
 from sdo_lightning.solvers import DDIM, FlowMatchEuler
-from tiny_flux import build_tiny_flux
-from tiny_image_reward import save_tiny_image_reward
-from tiny_models import build_tiny_ddpm, build_tiny_pixart, build_tiny_sd
-from tiny_sd3 import build_tiny_sd3
-from tiny_sdxl import build_tiny_sdxl
-from tiny_objective_models import (TinyOpenCLIP, aesthetic_state, install_fake_open_clip, install_fake_torchvision,
+from sdo_lightning.testing.tiny_flux import build_tiny_flux
+from sdo_lightning.testing.tiny_models import build_tiny_ddpm, build_tiny_pixart, build_tiny_sd
+from sdo_lightning.testing.tiny_sd3 import build_tiny_sd3
+from sdo_lightning.testing.tiny_sdxl import build_tiny_sdxl
+from sdo_lightning.testing.tiny_objective_models import (TinyOpenCLIP, aesthetic_state, install_fake_open_clip, install_fake_torchvision,
                                    lpips_lin_state, save, vgg16_state)
+from tiny_image_reward import save_tiny_image_reward
 
 
 def _builtin(kind):
@@ -200,3 +200,62 @@ def test_from_pipeline_wraps_an_in_memory_pipeline_like_loading_it(backbone_dirs
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     with pytest.raises(TypeError, match="unknown options \\['lora'\\]"):
         StableDiffusionBackbone.from_pipeline(pipe, lora="x")
+
+
+# -- optimization targets (LatentOptimization's target:) ----------------------------------------
+
+def _targets():
+    from sdo_lightning.modules.targets import ConditionEmbedding, IntermediateLatent, StartNoise
+
+    # (target, the solver it fits)
+    return {
+        "StartNoise": lambda: (StartNoise(), DDIM(3)),
+        "IntermediateLatent": lambda: (IntermediateLatent(), DDIM(3, start_timestep=500)),
+        "ConditionEmbedding": lambda: (ConditionEmbedding(), DDIM(3)),
+    }
+
+
+def test_every_builtin_target_has_a_contract_factory():
+    """docs/adding-a-target.md: a new built-in target adds its factory to _targets()."""
+    assert sorted(_targets()) == _builtin("targets")
+
+
+@pytest.mark.parametrize("name", registry.names("targets"))
+def test_target_contract(name, backbone_dirs):
+    """What LatentOptimization asks of a target, given only a RunContext: a start latent and a variable
+    with one row per sample, trajectory inputs through which the sampled image depends on the variable
+    (a finite, non-zero gradient), and a projection that is idempotent and row by row."""
+    from sdo_lightning.backbones import DigitsBackbone
+    from sdo_lightning.contracts import RunContext
+    from sdo_lightning.gradient_modes import ShortcutGradient
+
+    factories = _targets()
+    if name not in factories:
+        pytest.skip(f"{name} is not a built-in; its package tests it")
+    target, solver = factories[name]()
+    target.check(solver)
+    backbone = DigitsBackbone(str(backbone_dirs["digits"]))
+    context = RunContext(backbone, solver, seed=0)
+    batch = {"index": torch.arange(2), "class_label": torch.tensor([3, 10])}
+    cond = backbone.encode_condition(batch)
+    noise = torch.randn(2, *backbone.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        start = target.start_latent(noise, cond, batch, context)
+    assert start.shape == noise.shape and torch.isfinite(start).all()
+    variable = target.initial_variable(start, cond, context).detach().clone().requires_grad_()
+    assert len(variable) == 2
+    x, c = target.trajectory_inputs(variable, start, cond, context)
+    assert x.shape == noise.shape
+    x0 = sample(backbone.denoise, solver, x, c, gradient_mode=ShortcutGradient(), target=target.gradient_target(),
+                plan_generator=torch.Generator().manual_seed(0), scheduler_config=backbone.scheduler_config)
+    (grad,) = torch.autograd.grad(backbone.decode(x0).square().sum(), variable)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    moved = variable.detach() + 0.3 * torch.randn(variable.shape, generator=torch.Generator().manual_seed(1))
+    once = moved.clone()
+    target.project(once)
+    twice = once.clone()
+    target.project(twice)
+    torch.testing.assert_close(twice, once)
+    row = moved[1:].clone()
+    target.project(row, torch.tensor([1]))
+    torch.testing.assert_close(row, once[1:])

@@ -14,9 +14,9 @@ from lightning.pytorch import Callback, Trainer
 
 from sdo_lightning import Objective
 from sdo_lightning.backbones import DigitsBackbone
-from sdo_lightning.data import PromptSet, SampleSet
-from sdo_lightning.latent_optimization import LatentOptimization
-from sdo_lightning.reward_finetuning import RewardFineTuning
+from sdo_lightning.training.data import PromptSet, SampleSet
+from sdo_lightning.modules.latent_optimization import LatentOptimization
+from sdo_lightning.modules.reward_finetuning import RewardFineTuning
 from sdo_lightning.solvers import DDIM
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is unavailable")
@@ -178,7 +178,7 @@ def test_prompt_set_draws_are_a_function_of_the_step():
 
 def test_prompt_set_feeds_prompts_to_a_text_backbone(tmp_path):
     """PromptSet with RewardFineTuning on a tiny Stable Diffusion: the backbone reads batch['prompt']."""
-    from tiny_models import build_tiny_sd
+    from sdo_lightning.testing.tiny_models import build_tiny_sd
 
     from sdo_lightning.backbones import StableDiffusionBackbone
 

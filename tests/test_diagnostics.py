@@ -6,13 +6,13 @@ from lightning.pytorch import Trainer
 
 from sdo_lightning import Objective, sample
 from sdo_lightning.backbones import DigitsBackbone
-from sdo_lightning.data import SampleSet
-from sdo_lightning.diagnostics import GradientDiagnostics
+from sdo_lightning.training.data import SampleSet
+from sdo_lightning.evaluation.diagnostics import GradientDiagnostics
 from sdo_lightning.gradient_modes import FullBackprop, ShortcutGradient
-from sdo_lightning.latent_optimization import LatentOptimization
-from sdo_lightning.reward_finetuning import RewardFineTuning
+from sdo_lightning.modules.latent_optimization import LatentOptimization
+from sdo_lightning.modules.reward_finetuning import RewardFineTuning
 from sdo_lightning.solvers import DDIM
-from sdo_lightning.targets import StartNoise
+from sdo_lightning.modules.targets import StartNoise
 
 
 class Brightness(Objective, register=False):
@@ -100,7 +100,7 @@ def test_picard_estimate_matches_closed_form_for_a_linear_network():
     lambda = sqrt(sum (1 - P_k)^2) / sqrt(sum P_k^2)."""
     import math
 
-    from sdo_lightning.diagnostics import picard_contraction, trajectory
+    from sdo_lightning.evaluation.diagnostics import picard_contraction, trajectory
     from sdo_lightning.solvers import DDIM as _DDIM
 
     c, steps = 0.3, 10

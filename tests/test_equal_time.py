@@ -3,10 +3,8 @@
 import json
 import sys
 
+import equal_time  # benchmarks/ is on the path in tests (pyproject: pythonpath)
 from test_cli import ROOT
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import equal_time  # noqa: E402
 
 
 def test_tiny_sd_smoke_run_records_every_step_and_draws_the_plot(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from torch import nn
 
 from sdo_lightning import lora
 from sdo_lightning.cli import clean_message, main
-from sdo_lightning.metrics import ClassifierFeatures, SampleMetrics
+from sdo_lightning.evaluation.metrics import ClassifierFeatures, SampleMetrics
 
 torch.set_num_threads(1)
 
@@ -179,10 +179,10 @@ def test_validation_during_fit_leaves_the_training_unchanged(tiny_digits_dir, tm
     from lightning.pytorch import Trainer
 
     from sdo_lightning.backbones import DigitsBackbone
-    from sdo_lightning.data import SampleSet
-    from sdo_lightning.metrics import Evaluation
+    from sdo_lightning.training.data import SampleSet
+    from sdo_lightning.evaluation.metrics import Evaluation
     from sdo_lightning.objectives import ClassifierObjective
-    from sdo_lightning.reward_finetuning import RewardFineTuning
+    from sdo_lightning.modules.reward_finetuning import RewardFineTuning
     from sdo_lightning.solvers import DDIM
 
     adapters = []
@@ -303,7 +303,7 @@ def test_bad_input_ends_in_one_sentence(run, tiny_digits_dir, other_model, tmp_p
 
 def test_prompts_missing_for_a_text_model_is_one_sentence(tmp_path):
     from sdo_lightning.backbones.base import TextConditionedBackbone
-    from sdo_lightning.reward_finetuning import RewardFineTuning
+    from sdo_lightning.modules.reward_finetuning import RewardFineTuning
 
     module = RewardFineTuning.__new__(RewardFineTuning)
     nn.Module.__init__(module)
@@ -314,7 +314,7 @@ def test_prompts_missing_for_a_text_model_is_one_sentence(tmp_path):
 
 
 def test_auto_features_skip_fid_for_colour_images_and_digits_features_refuse_them(tiny_weights):
-    from sdo_lightning.metrics import Evaluation
+    from sdo_lightning.evaluation.metrics import Evaluation
 
     with pytest.warns(UserWarning, match="FID and KID are skipped"):
         assert Evaluation().build(channels=3).fid is None
@@ -326,8 +326,8 @@ def test_auto_features_skip_fid_for_colour_images_and_digits_features_refuse_the
 def test_clip_score_is_100_times_the_clipped_cosine_of_the_saved_clip(tmp_path):
     from transformers import CLIPModel, CLIPTokenizer
 
-    from sdo_lightning.metrics import load_clip_score
-    from tiny_models import build_tiny_clip
+    from sdo_lightning.evaluation.metrics import load_clip_score
+    from sdo_lightning.testing.tiny_models import build_tiny_clip
 
     root = build_tiny_clip(tmp_path / "clip")
     metrics = SampleMetrics(None, clip_score=load_clip_score(str(root)))
@@ -358,10 +358,10 @@ def test_validation_on_two_processes_equals_one(tiny_digits_dir, tmp_path, monke
     from lightning.pytorch import Trainer
 
     from sdo_lightning.backbones import DigitsBackbone
-    from sdo_lightning.data import SampleSet
-    from sdo_lightning.metrics import Evaluation
+    from sdo_lightning.training.data import SampleSet
+    from sdo_lightning.evaluation.metrics import Evaluation
     from sdo_lightning.objectives import ClassifierObjective
-    from sdo_lightning.reward_finetuning import RewardFineTuning
+    from sdo_lightning.modules.reward_finetuning import RewardFineTuning
     from sdo_lightning.solvers import DDIM
 
     with socket.socket() as s:

@@ -1,22 +1,16 @@
 """benchmarks/fidelity.py's core: the per-call decomposition against the gradient modes run
 through ``sample``, and the mode table against formulas written out here."""
 
-import sys
-from pathlib import Path
-
+import _fidelity_core as core  # benchmarks/ is on the path in tests (pyproject: pythonpath)
+import _fidelity_explain as explain
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import _fidelity_core as core  # noqa: E402
-import _fidelity_explain as explain  # noqa: E402
-
-from sdo_lightning import Target, sample  # noqa: E402
-from sdo_lightning.backbones import DigitsBackbone  # noqa: E402
-from sdo_lightning.gradient_modes import DRTune, FullBackprop, ShortcutGradient, TruncatedBackprop  # noqa: E402
-from sdo_lightning.solvers import DDIM, DPMSolverPlusPlus  # noqa: E402
+from sdo_lightning import Target, sample
+from sdo_lightning.backbones import DigitsBackbone
+from sdo_lightning.gradient_modes import DRTune, FullBackprop, ShortcutGradient, TruncatedBackprop
+from sdo_lightning.solvers import DDIM, DPMSolverPlusPlus
 
 N = 6
 

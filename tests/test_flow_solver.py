@@ -10,7 +10,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from sdo_lightning import sample
 from sdo_lightning.gradient_modes import ShortcutGradient
-from sdo_lightning.inversion import invert
+from sdo_lightning.sampling.inversion import invert
 from sdo_lightning.solvers import FlowMatchEuler
 
 
@@ -99,7 +99,7 @@ def test_a_flow_solver_and_a_diffusion_model_are_refused_together(tiny_digits_di
     from diffusers import UNet2DModel
 
     from sdo_lightning.backbones import DigitsBackbone, PixelUNetBackbone
-    from sdo_lightning.module_base import check_solver_fits_backbone
+    from sdo_lightning.modules.base import check_solver_fits_backbone
     from sdo_lightning.solvers import DDIM
 
     with pytest.raises(ValueError, match="holds a diffusion model .* cannot sample; use solver DDIM"):

@@ -17,9 +17,9 @@ from sdo_lightning.contracts import Target
 from sdo_lightning.gradient_modes import FullBackprop, ShortcutGradient
 from sdo_lightning.lora import add_lora, lora_layers
 from sdo_lightning.solvers import FlowMatchEuler
-from tiny_flux import build_tiny_flux, tiny_flux_pipeline
-from tiny_models import build_tiny_clip
-from tiny_objective_models import TinyOpenCLIP, install_fake_open_clip, save
+from sdo_lightning.testing.tiny_flux import build_tiny_flux, tiny_flux_pipeline
+from sdo_lightning.testing.tiny_models import build_tiny_clip
+from sdo_lightning.testing.tiny_objective_models import TinyOpenCLIP, install_fake_open_clip, save
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "a dog on a hill"]
@@ -248,8 +248,8 @@ def test_fits_under_trainer_precision(tiny, tmp_path, precision, target):
     from lightning.pytorch import Trainer
 
     from sdo_lightning import Objective
-    from sdo_lightning.data import SampleSet
-    from sdo_lightning.latent_optimization import LatentOptimization
+    from sdo_lightning.training.data import SampleSet
+    from sdo_lightning.modules.latent_optimization import LatentOptimization
 
     class Redness(Objective, register=False):
         def forward(self, images, batch):
@@ -276,7 +276,7 @@ def test_config_takes_one_step_on_tiny_flux(name, tiny, tmp_path, monkeypatch):
     """Each FLUX config, read as users run it, takes one optimizer step with the tiny FLUX swapped
     in (and tiny CLIP/HPSv2 stand-ins, 2 steps, batch 2, one CPU step in fp32)."""
     from sdo_lightning.cli import main
-    from sdo_lightning.latent_optimization import LatentOptimization
+    from sdo_lightning.modules.latent_optimization import LatentOptimization
 
     path = ROOT / "configs" / "models" / f"{name}.yaml"
     text = path.read_text()

@@ -14,12 +14,12 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from sdo_lightning.cli import clean_message, main  # noqa: E402
-from sdo_lightning.data import PromptSet, SampleSet  # noqa: E402
+from sdo_lightning.training.data import PromptSet, SampleSet  # noqa: E402
 from sdo_lightning.gradient_modes import ShortcutGradient, TruncatedBackprop  # noqa: E402
-from sdo_lightning.latent_optimization import LatentOptimization  # noqa: E402
-from sdo_lightning.reward_finetuning import RewardFineTuning  # noqa: E402
+from sdo_lightning.modules.latent_optimization import LatentOptimization  # noqa: E402
+from sdo_lightning.modules.reward_finetuning import RewardFineTuning  # noqa: E402
 from sdo_lightning.solvers import DDIM  # noqa: E402
-from sdo_lightning.targets import StartNoise  # noqa: E402
+from sdo_lightning.modules.targets import StartNoise  # noqa: E402
 
 OBJECTIVE = {"class_path": "ClassifierObjective", "init_args": {"target_class": 3}}
 BASES = {

@@ -365,15 +365,9 @@ def test_truncated_rejects_unreachable_latent():
 @pytest.mark.parametrize("name", registry.names("gradient_modes"))
 @pytest.mark.parametrize("target", [Target.latent(), Target.parameters()], ids=["latent", "parameters"])
 def test_every_gradient_mode_plans_a_graph(name, target):
-    """Contract test over every registered gradient mode (the gradient-free searches plan no graph:
-    they refuse to, naming the module that runs them)."""
-    from sdo_lightning.search import SearchMode
-
+    """Contract test over every registered gradient mode (the gradient-free searches are a kind of
+    their own: tests/test_search.py)."""
     mode = registry.classes("gradient_modes")[name]()
-    if isinstance(mode, SearchMode):
-        with pytest.raises(ValueError, match="LatentOptimization only"):
-            mode.plan(7, target)
-        return
     try:
         plan = mode.plan(7, target, torch.Generator().manual_seed(0))
     except ValueError:

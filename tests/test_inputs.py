@@ -9,11 +9,11 @@ from lightning.pytorch import Trainer
 
 from sdo_lightning.backbones import DigitsBackbone
 from sdo_lightning.cli import console_main
-from sdo_lightning.data import SampleSet
-from sdo_lightning.latent_optimization import LatentOptimization
+from sdo_lightning.training.data import SampleSet
+from sdo_lightning.modules.latent_optimization import LatentOptimization
 from sdo_lightning.objectives import ClassifierObjective
 from sdo_lightning.solvers import DDIM
-from sdo_lightning.targets import StartNoise
+from sdo_lightning.modules.targets import StartNoise
 from test_cli import ROOT
 
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")

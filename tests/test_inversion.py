@@ -1,4 +1,4 @@
-"""DDIM inversion (sdo_lightning.inversion.ddim_invert) for epsilon, v and x0 ("sample") networks.
+"""DDIM inversion (sdo_lightning.sampling.inversion.ddim_invert) for epsilon, v and x0 ("sample") networks.
 
 References are computed independently of the code under test: diffusers' ``DDIMInverseScheduler``
 run by hand on the same network, and closed forms of networks for which DDIM sampling is exactly
@@ -12,7 +12,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from sdo_lightning import sample
-from sdo_lightning.inversion import ddim_invert
+from sdo_lightning.sampling.inversion import ddim_invert
 from sdo_lightning.solvers import DDIM
 
 CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}

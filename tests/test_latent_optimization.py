@@ -8,10 +8,10 @@ from lightning.pytorch import Trainer
 
 from sdo_lightning import Objective
 from sdo_lightning.backbones import DigitsBackbone
-from sdo_lightning.data import SampleSet
-from sdo_lightning.latent_optimization import LatentOptimization
+from sdo_lightning.training.data import SampleSet
+from sdo_lightning.modules.latent_optimization import LatentOptimization
 from sdo_lightning.solvers import DDIM
-from sdo_lightning.targets import IntermediateLatent, StartNoise
+from sdo_lightning.modules.targets import IntermediateLatent, StartNoise
 
 
 class WeightedBrightness(Objective, register=False):
@@ -228,7 +228,7 @@ def test_latent_optimization_validates_during_fit_and_predicts_its_optimized_sam
     from diffusers import DDIMScheduler, UNet2DModel
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from sdo_lightning.checkpoint_io import read_checkpoint
+    from sdo_lightning.training.checkpoint_io import read_checkpoint
     from sdo_lightning.cli import main
     from test_cli import ROOT
 

@@ -16,7 +16,7 @@ from sdo_lightning.objectives import ClassifierObjective, CLIPScore, WeightedSum
 from sdo_lightning.objectives.checkpointed import Checkpointed
 from sdo_lightning.solvers import DDIM
 
-from tiny_models import build_tiny_clip, build_tiny_sd
+from sdo_lightning.testing.tiny_models import build_tiny_clip, build_tiny_sd
 
 PROMPTS = ["a cat", "a red dog"]
 

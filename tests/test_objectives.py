@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sdo_lightning.objectives import CLIPScore, ClassifierObjective, L2Fidelity, WeightedSum
-from tiny_models import build_tiny_clip
+from sdo_lightning.testing.tiny_models import build_tiny_clip
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from PIL import Image
 from objective_fixtures import assert_one_sentence, check_gradient, check_per_sample, rand, style_png, tiny_clip  # noqa: F401
 from sdo_lightning import registry
 from sdo_lightning.objectives import CLIPScore, LPIPSFidelity, WeightedSum
-from tiny_objective_models import (
+from sdo_lightning.testing.tiny_objective_models import (
     VGG16_BLOCKS,
     TinyOpenCLIP,
     aesthetic_state,

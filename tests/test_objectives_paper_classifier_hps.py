@@ -11,7 +11,7 @@ import torch
 
 from objective_fixtures import assert_one_sentence, check_gradient, check_per_sample, rand
 from sdo_lightning.objectives import HPSv2Score, ImageClassifierObjective
-from tiny_objective_models import (
+from sdo_lightning.testing.tiny_objective_models import (
     TinyClassifier,
     TinyOpenCLIP,
     install_fake_open_clip,

@@ -10,7 +10,7 @@ import torch
 
 from objective_fixtures import assert_one_sentence, check_gradient, check_per_sample, rand, style_png, tiny_clip  # noqa: F401
 from sdo_lightning.objectives import AestheticScore, CLIPStyleLoss
-from tiny_objective_models import aesthetic_state, build_tiny_clip_vision, save
+from sdo_lightning.testing.tiny_objective_models import aesthetic_state, build_tiny_clip_vision, save
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import pytest
 import torch
 import yaml
 
-from tiny_models import build_tiny_clip, build_tiny_ddpm, build_tiny_pixart, build_tiny_sd
-from tiny_objective_models import TinyOpenCLIP, aesthetic_state, install_fake_open_clip, install_fake_torchvision, save
+from sdo_lightning.testing.tiny_models import build_tiny_clip, build_tiny_ddpm, build_tiny_pixart, build_tiny_sd
+from sdo_lightning.testing.tiny_objective_models import TinyOpenCLIP, aesthetic_state, install_fake_open_clip, install_fake_torchvision, save
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs" / "paper").glob("*.yaml"))
@@ -114,9 +114,9 @@ def test_there_is_a_config_per_paper_experiment():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_paper_config_takes_one_step_on_tiny_models(path, tiny, tmp_path, monkeypatch):
     from sdo_lightning.cli import main
-    from sdo_lightning.latent_optimization import LatentOptimization
-    from sdo_lightning.reward_finetuning import RewardFineTuning
-    from sdo_lightning.targets import IntermediateLatent, StartNoise
+    from sdo_lightning.modules.latent_optimization import LatentOptimization
+    from sdo_lightning.modules.reward_finetuning import RewardFineTuning
+    from sdo_lightning.modules.targets import IntermediateLatent, StartNoise
 
     install_fake_torchvision(monkeypatch)
     install_fake_open_clip(monkeypatch)

@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 from sdo_lightning import Objective, Target, sample
 from sdo_lightning.backbones import DigitsBackbone
 from sdo_lightning.gradient_modes import ShortcutGradient
-from sdo_lightning.picard import Picard
+from sdo_lightning.sampling.picard import Picard
 from sdo_lightning.solvers import DDIM, DPMSolverPlusPlus, FlowMatchEuler, LCMMultistep
 
 from conftest import build_tiny_digits
@@ -214,7 +214,7 @@ def test_copy_with_another_schedule_leaves_the_original_alone():
     prefix = copy.copy(picard)
     prefix.start_timestep = None
     assert picard.start_timestep == 600 and prefix.start_timestep is None
-    assert Picard.unwrap(picard) is picard.solver and Picard.unwrap(picard.solver) is picard.solver
+    assert picard.unwrap() is picard.solver and picard.solver.unwrap() is picard.solver
 
 
 class _Brightness(Objective, register=False):
@@ -230,8 +230,8 @@ def test_latent_optimization_warm_starts_from_its_previous_step(tiny_digits_dir,
     is that of the sequential fit within the tolerance."""
     from lightning.pytorch import Trainer
 
-    from sdo_lightning.data import SampleSet
-    from sdo_lightning.latent_optimization import LatentOptimization
+    from sdo_lightning.training.data import SampleSet
+    from sdo_lightning.modules.latent_optimization import LatentOptimization
 
     def fit(solver):
         module = LatentOptimization(objective=_Brightness(), backbone=DigitsBackbone(tiny_digits_dir), solver=solver)
@@ -255,8 +255,8 @@ def test_reward_finetuning_with_picard_trains_the_adapters_as_sequential_samplin
     are new every step (seeds per step), so nothing starts warm."""
     from lightning.pytorch import Trainer
 
-    from sdo_lightning.data import SampleSet
-    from sdo_lightning.reward_finetuning import RewardFineTuning
+    from sdo_lightning.training.data import SampleSet
+    from sdo_lightning.modules.reward_finetuning import RewardFineTuning
 
     def fit(solver):
         torch.manual_seed(0)  # the adapters' initialization
@@ -294,7 +294,7 @@ def test_guided_backbones_take_one_timestep_per_row(tmp_path, tiny_digits_dir):
     repeated by TextCondition's rows)."""
     from sdo_lightning.backbones import StableDiffusionBackbone
 
-    from tiny_models import build_tiny_sd
+    from sdo_lightning.testing.tiny_models import build_tiny_sd
 
     sd = StableDiffusionBackbone(str(build_tiny_sd(tmp_path / "sd")), guidance_scale=2.0)
     digits = DigitsBackbone(str(tiny_digits_dir), guidance_scale=2.0)

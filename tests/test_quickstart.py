@@ -6,9 +6,9 @@ from lightning.pytorch import Trainer
 import pytest
 
 from sdo_lightning.backbones import DigitsBackbone, FlowDigitsBackbone
-from sdo_lightning.data import SampleSet
+from sdo_lightning.training.data import SampleSet
 from sdo_lightning.digits import FLOW_WEIGHTS_DIR, WEIGHTS_DIR, DigitClassifier
-from sdo_lightning.latent_optimization import LatentOptimization
+from sdo_lightning.modules.latent_optimization import LatentOptimization
 from sdo_lightning.objectives import ClassifierObjective, L2Fidelity, WeightedSum
 from sdo_lightning.solvers import DDIM, FlowMatchEuler
 

@@ -403,7 +403,7 @@ def test_invert_images_lands_on_the_timestep_sampling_resumes_from():
     from diffusers import DDIMScheduler
 
     from sdo_lightning import sample
-    from sdo_lightning.inversion import invert
+    from sdo_lightning.sampling.inversion import invert
     from sdo_lightning.solvers import DDIM
 
     g = torch.Generator().manual_seed(0)

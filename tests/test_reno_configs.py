@@ -13,11 +13,11 @@ import torch
 import yaml
 
 from test_cli import ROOT
-from tiny_flux import build_tiny_flux
+from sdo_lightning.testing.tiny_flux import build_tiny_flux
+from sdo_lightning.testing.tiny_models import build_tiny_clip, build_tiny_sd
+from sdo_lightning.testing.tiny_objective_models import TinyOpenCLIP, install_fake_open_clip, save
+from sdo_lightning.testing.tiny_sdxl import build_tiny_sdxl
 from tiny_image_reward import save_tiny_image_reward
-from tiny_models import build_tiny_clip, build_tiny_sd
-from tiny_objective_models import TinyOpenCLIP, install_fake_open_clip, save
-from tiny_sdxl import build_tiny_sdxl
 
 HUB = {"sd_turbo": "stabilityai/sd-turbo", "sdxl_turbo": "stabilityai/sdxl-turbo",
        "flux_schnell": "black-forest-labs/FLUX.1-schnell"}

@@ -69,7 +69,7 @@ def write_config(path, model, weights, extra_callbacks=""):
           callbacks:
             - class_path: ModelCheckpoint
               init_args: {{every_n_train_steps: {EVERY}, save_last: true}}
-            - class_path: sdo_lightning.callbacks.InterruptCheckpoint
+            - class_path: sdo_lightning.training.callbacks.InterruptCheckpoint
         """) + textwrap.indent(extra_callbacks, "    ") + "model:\n" + model_yaml + "\n" + textwrap.dedent("""\
         data:
           class_path: SampleSet

@@ -8,9 +8,9 @@ from torch import nn
 
 from sdo_lightning import Objective, lora
 from sdo_lightning.backbones import DigitsBackbone
-from sdo_lightning.data import SampleSet
+from sdo_lightning.training.data import SampleSet
 from sdo_lightning.gradient_modes import FullBackprop, ShortcutGradient, TruncatedBackprop
-from sdo_lightning.reward_finetuning import RewardFineTuning
+from sdo_lightning.modules.reward_finetuning import RewardFineTuning
 from sdo_lightning.solvers import DDIM
 
 

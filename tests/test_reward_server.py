@@ -15,10 +15,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from sdo_lightning import Objective
 from sdo_lightning import reward_protocol as wire
 from sdo_lightning.backbones import DigitsBackbone
-from sdo_lightning.checkpoint_io import read_checkpoint
+from sdo_lightning.training.checkpoint_io import read_checkpoint
 from sdo_lightning.cli import clean_message
-from sdo_lightning.data import SampleSet
-from sdo_lightning.latent_optimization import LatentOptimization
+from sdo_lightning.training.data import SampleSet
+from sdo_lightning.modules.latent_optimization import LatentOptimization
 from sdo_lightning.objectives import CLIPScore, ClassifierObjective, RemoteObjective, WeightedSum
 from sdo_lightning.objectives.remote import RewardServerError
 from sdo_lightning.reward_server import RewardServer

@@ -20,8 +20,8 @@ from sdo_lightning import Objective
 from sdo_lightning.objectives import CLIPScore, HPSv2Score, L2Fidelity, NoiseNormPrior, PickScore, WeightedSum
 from sdo_lightning.objectives.clip import CLIP_MEAN, CLIP_STD
 from test_clip_preprocessing import assert_close_to_processor, differences, processed
-from tiny_models import build_tiny_clip
-from tiny_objective_models import TinyOpenCLIP, install_fake_open_clip, save, tiny_tokenize
+from sdo_lightning.testing.tiny_models import build_tiny_clip
+from sdo_lightning.testing.tiny_objective_models import TinyOpenCLIP, install_fake_open_clip, save, tiny_tokenize
 
 LOGIT_SCALE = 3.3  # exp: 27.1, neither CLIP's init (14.3) nor PickScore's (about 100)
 
@@ -266,7 +266,7 @@ def _fit(module, data, root, steps, logger=False, callbacks=None):
 
 def _module(tiny_digits_dir, objective, **kw):
     from sdo_lightning.backbones import DigitsBackbone
-    from sdo_lightning.latent_optimization import LatentOptimization
+    from sdo_lightning.modules.latent_optimization import LatentOptimization
     from sdo_lightning.solvers import DDIM
 
     return LatentOptimization(objective=objective, backbone=DigitsBackbone(tiny_digits_dir), solver=DDIM(4), **kw)
@@ -274,8 +274,8 @@ def _module(tiny_digits_dir, objective, **kw):
 
 @pytest.mark.parametrize("linf", [None, 0.2])
 def test_objectives_see_the_differentiable_start_latent(tiny_digits_dir, tmp_path, linf):
-    from sdo_lightning.data import SampleSet
-    from sdo_lightning.targets import StartNoise
+    from sdo_lightning.training.data import SampleSet
+    from sdo_lightning.modules.targets import StartNoise
 
     from lightning.pytorch import Callback
 
@@ -302,8 +302,8 @@ def test_objectives_see_the_differentiable_start_latent(tiny_digits_dir, tmp_pat
 
 def test_noise_prior_under_reward_fine_tuning_is_a_clear_error(tiny_digits_dir, tmp_path):
     from sdo_lightning.backbones import DigitsBackbone
-    from sdo_lightning.data import SampleSet
-    from sdo_lightning.reward_finetuning import RewardFineTuning
+    from sdo_lightning.training.data import SampleSet
+    from sdo_lightning.modules.reward_finetuning import RewardFineTuning
     from sdo_lightning.solvers import DDIM
 
     module = RewardFineTuning(objective=NoiseNormPrior(), backbone=DigitsBackbone(tiny_digits_dir), solver=DDIM(2))
@@ -317,8 +317,8 @@ def test_noise_prior_lowers_the_chi_loss_of_optimized_noise(tiny_digits_dir, tmp
     0.078 -> 0.018), and summary.json reports it before and after from the right latents."""
     from scipy.stats import chi
 
-    from sdo_lightning.data import SampleSet
-    from sdo_lightning.targets import StartNoise
+    from sdo_lightning.training.data import SampleSet
+    from sdo_lightning.modules.targets import StartNoise
 
     module = _module(tiny_digits_dir, NoiseNormPrior(), target=StartNoise(project_to_shell=False), lr=0.05)
     _fit(module, SampleSet(num_samples=4), tmp_path, steps=5)
@@ -355,7 +355,7 @@ def test_held_out_objective_is_logged_and_reported(tiny_digits_dir, tiny_weights
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from sdo_lightning.data import SampleSet
+    from sdo_lightning.training.data import SampleSet
     from sdo_lightning.objectives import ClassifierObjective
 
     held_out = ClassifierObjective(target_class=3)
@@ -378,7 +378,7 @@ def test_held_out_objective_is_logged_and_reported(tiny_digits_dir, tiny_weights
 def test_held_out_objective_does_not_change_the_optimization(tiny_digits_dir, tmp_path):
     """Same seed, with and without a held-out objective that draws from the same global generator
     as the optimized one: the same variable and best images, bitwise."""
-    from sdo_lightning.data import SampleSet
+    from sdo_lightning.training.data import SampleSet
 
     runs = []
     for held_out in (None, NoisyBrightness()):

@@ -16,9 +16,9 @@ from sdo_lightning import sample
 from sdo_lightning.backbones.sd3 import StableDiffusion3Backbone
 from sdo_lightning.lora import add_lora, lora_layers
 from sdo_lightning.solvers import FlowMatchEuler
-from tiny_models import build_tiny_clip
-from tiny_objective_models import aesthetic_state, save
-from tiny_sd3 import SCALING_FACTOR, SHIFT_FACTOR, build_tiny_sd3
+from sdo_lightning.testing.tiny_models import build_tiny_clip
+from sdo_lightning.testing.tiny_objective_models import aesthetic_state, save
+from sdo_lightning.testing.tiny_sd3 import SCALING_FACTOR, SHIFT_FACTOR, build_tiny_sd3
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "a dog on a hill"]
@@ -233,7 +233,7 @@ def _swap(node, files):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_takes_one_step_on_tiny_sd3(path, config_files, tmp_path, monkeypatch):
     from sdo_lightning.cli import main
-    from sdo_lightning.latent_optimization import LatentOptimization
+    from sdo_lightning.modules.latent_optimization import LatentOptimization
 
     text = path.read_text()
     assert text.startswith(f"# Run: sdo fit --config configs/models/{path.name}") and "Needs" in text

@@ -18,8 +18,8 @@ from sdo_lightning.backbones import StableDiffusionBackbone
 from sdo_lightning.backbones.sdxl import StableDiffusionXLBackbone
 from sdo_lightning.lora import add_lora
 from sdo_lightning.solvers import DDIM
-from tiny_models import build_tiny_clip, build_tiny_sd
-from tiny_sdxl import HIDDEN_1, HIDDEN_2, PROJECTION, build_tiny_sdxl
+from sdo_lightning.testing.tiny_models import build_tiny_clip, build_tiny_sd
+from sdo_lightning.testing.tiny_sdxl import HIDDEN_1, HIDDEN_2, PROJECTION, build_tiny_sdxl
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat", "a dog on a hill"]

@@ -7,13 +7,13 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from sdo_lightning import Objective, sample
+from sdo_lightning import Objective, registry, sample
 from sdo_lightning.backbones import DigitsBackbone
-from sdo_lightning.data import SampleSet
-from sdo_lightning.latent_optimization import LatentOptimization
-from sdo_lightning.search import BestOfN, ZeroOrder, candidate_seed
+from sdo_lightning.training.data import SampleSet
+from sdo_lightning.modules.latent_optimization import LatentOptimization
+from sdo_lightning.searches import BestOfN, ZeroOrder, candidate_seed
 from sdo_lightning.solvers import DDIM
-from sdo_lightning.targets import ConditionEmbedding, IntermediateLatent, StartNoise
+from sdo_lightning.modules.targets import ConditionEmbedding, IntermediateLatent, StartNoise
 
 from test_cli import ROOT
 
@@ -153,7 +153,7 @@ def test_best_of_n_refuses_targets_other_than_the_start_noise(target, tiny_digit
 
 @pytest.mark.parametrize("mode", [BestOfN(), ZeroOrder()], ids=["best_of_n", "zero_order"])
 def test_a_search_refuses_reward_fine_tuning(mode, tiny_digits_dir, tmp_path):
-    from sdo_lightning.reward_finetuning import RewardFineTuning
+    from sdo_lightning.modules.reward_finetuning import RewardFineTuning
 
     name = type(mode).__name__
     with pytest.raises(ValueError, match=rf"^{name} searches without gradients, so it plans no network graph: use it "
@@ -219,7 +219,7 @@ class NaNOnCall(DigitThree, register=False):
 
 
 def test_a_non_finite_candidate_skips_the_search_step_or_stops(tiny_digits_dir, tmp_path):
-    from sdo_lightning.module_base import NonFiniteError
+    from sdo_lightning.modules.base import NonFiniteError
 
     m = LatentOptimization(objective=NaNOnCall(classifier(tiny_digits_dir), at=1), backbone=DigitsBackbone(tiny_digits_dir),
                            solver=DDIM(3), gradient_mode=BestOfN(candidates=2), seed=SEED)
@@ -234,3 +234,41 @@ def test_a_non_finite_candidate_skips_the_search_step_or_stops(tiny_digits_dir, 
                                   gradient_mode=BestOfN(candidates=2), seed=SEED, on_nonfinite="stop")
     with pytest.raises(NonFiniteError, match="step 0"):
         fit(stopping, tmp_path, steps=2)
+
+
+@pytest.mark.parametrize("name", registry.names("searches"))
+def test_every_search_proposes_reproducible_candidates_and_keeps_each_samples_best(name):
+    """Contract test over every registered search: ``candidates`` proposals shaped like the variable,
+    the same for the same seed, samples and step, other ones at another step; and ``best`` picks, row
+    by row, the candidate of the lowest loss (a non-finite loss never wins)."""
+    from sdo_lightning.contracts import RunContext
+
+    search = registry.classes("searches")[name](candidates=3)
+    variable, index = torch.randn(2, 1, 4, 4), torch.tensor([0, 5])
+    context = RunContext(backbone=None, solver=DDIM(2), seed=7)
+    first = search.propose(variable, index, 0, context)
+    assert len(first) == 3 and all(c.shape == variable.shape for c in first)
+    again = search.propose(variable, index, 0, context)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(search.propose(variable, index, 1, context)[0], first[0])
+    # row 0's losses 3, 1, 2 -> candidate 1; row 1's nan, 5, 4 -> candidate 2
+    losses = iter([torch.tensor([3.0, float("nan")]), torch.tensor([1.0, 5.0]), torch.tensor([2.0, 4.0])])
+    best = search.best(first, lambda c: (next(losses), c.flatten(1)[:, :1], {"t": c.flatten(1)[:, 0]}))
+    torch.testing.assert_close(best.variable, torch.stack([first[1][0], first[2][1]]), rtol=0, atol=0)
+    assert best.loss.tolist() == [1.0, 4.0]
+    torch.testing.assert_close(best.terms["t"], best.variable.flatten(1)[:, 0], rtol=0, atol=0)
+
+
+def test_searches_are_their_own_kind_and_reward_fine_tuning_refuses_one_at_parse_time(tiny_weights, tmp_path,
+                                                                                       monkeypatch, capsys):
+    from sdo_lightning.cli import main
+
+    assert {"BestOfN", "ZeroOrder"} <= set(registry.names("searches"))
+    assert not {"BestOfN", "ZeroOrder"} & set(registry.names("gradient_modes"))
+    listed = [line.split()[:2] for line in registry.format_table(registry.registered()).splitlines()]  # sdo plugins
+    assert ["searches", "BestOfN"] in listed and ["searches", "ZeroOrder"] in listed
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(ROOT / "configs" / "digits" / "finetune_lora.yaml"), "--model.gradient_mode",
+              "BestOfN", "--trainer.max_steps", "1"], run=False)
+    assert "BestOfN" in capsys.readouterr().err

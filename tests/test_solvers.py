@@ -122,3 +122,34 @@ def test_default_solvers_say_once_that_they_turn_the_models_clamp_off(recwarn, d
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the user's own choice is not second-guessed
         DDIM(3, scheduler_kwargs={"clip_sample": False}).begin({"clip_sample": True})
+
+
+#: built-in solvers whose reference loop is in another file (FlowMatchEuler's diffusers loop; Picard
+#: wraps a solver and is compared with sequential sampling)
+REFERENCE_ELSEWHERE = {"FlowMatchEuler": "test_flow_solver.py", "Picard": "test_picard.py"}
+
+
+def test_every_builtin_solver_has_a_hand_written_reference_loop():
+    """docs/adding-a-solver.md: a new solver adds its case to CASES (or names its test file above)."""
+    builtin = {n for n, c in registry.classes("solvers").items() if c.__module__.startswith("sdo_lightning.")}
+    assert builtin == {type(s).__name__ for s, _, _ in CASES} | set(REFERENCE_ELSEWHERE)
+
+
+@pytest.mark.parametrize("name", registry.names("solvers"))
+def test_every_solver_says_what_kind_it_is(name):
+    """Contract test over every registered solver: what the network predicts, whether a wrapper,
+    and Picard takes exactly the deterministic first-order ones, by those attributes alone."""
+    from sdo_lightning.sampling.picard import Picard
+
+    cls = registry.classes("solvers")[name]
+    solver = cls(DDIM(4)) if name == "Picard" else cls(num_inference_steps=4)  # Picard wraps a solver
+    assert solver.predicts in ("noise", "sample", "velocity") and isinstance(solver.first_order, bool)
+    inner = solver.unwrap()
+    assert inner.unwrap() is inner and inner.predicts == solver.predicts
+    if inner is not solver:
+        return
+    if solver.first_order and solver.nondeterminism() is None:
+        assert Picard(solver).unwrap() is solver
+    else:
+        with pytest.raises(ValueError, match="Picard"):
+            Picard(solver)

@@ -7,11 +7,11 @@ from lightning.pytorch import Trainer
 
 from sdo_lightning import Objective
 from sdo_lightning.backbones import StableDiffusionBackbone
-from sdo_lightning.data import SampleSet
-from sdo_lightning.latent_optimization import LatentOptimization
-from sdo_lightning.reward_finetuning import RewardFineTuning
+from sdo_lightning.training.data import SampleSet
+from sdo_lightning.modules.latent_optimization import LatentOptimization
+from sdo_lightning.modules.reward_finetuning import RewardFineTuning
 from sdo_lightning.solvers import DDIM
-from tiny_models import build_tiny_sd
+from sdo_lightning.testing.tiny_models import build_tiny_sd
 
 
 class Redness(Objective, register=False):

@@ -149,6 +149,22 @@ def unit_range(images: Tensor, hard: bool = False) -> Tensor:
     return images + (images.clamp(0, 1) - images).detach()
 
 
+def vae_decode(vae: nn.Module, latents: Tensor, hard_clamp: bool = False) -> Tensor:
+    """Images in [0, 1] from the diffusion model's scaled latents, differentiably (see
+    :func:`unit_range` for the clamp)."""
+    cfg = vae.config
+    z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+    images = vae.decode(z.to(vae.dtype)).sample.to(latents.dtype)
+    return unit_range((images + 1) / 2, hard_clamp)
+
+
+def vae_encode(vae: nn.Module, images: Tensor) -> Tensor:
+    """The diffusion model's scaled latents (posterior mean) of images in [0, 1]."""
+    cfg = vae.config
+    mean = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mean.to(images.dtype)
+    return (mean - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
+
+
 def speed_up(network: nn.Module, compile: bool | str, channels_last: bool) -> None:
     """Optional speed-ups of the denoiser, in place (state-dict keys unchanged)."""
     if channels_last:
@@ -227,8 +243,6 @@ class TextConditionedBackbone(Backbone):
         return replace(cond, embeds=embedding)
 
     def decode(self, latents: Tensor) -> Tensor:
-        from sdo_lightning.backbones.loading import vae_decode
-
         hard = self.decode_clamp == "hard"
         if self.checkpoint_decode and torch.is_grad_enabled() and latents.requires_grad:
             from torch.utils.checkpoint import checkpoint
@@ -237,8 +251,6 @@ class TextConditionedBackbone(Backbone):
         return vae_decode(self.vae, latents, hard)
 
     def encode(self, images: Tensor) -> Tensor:
-        from sdo_lightning.backbones.loading import vae_encode
-
         return vae_encode(self.vae, images)
 
 

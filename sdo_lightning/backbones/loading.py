@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from sdo_lightning._hub import offline
-from sdo_lightning.backbones.base import unit_range
+from sdo_lightning.backbones.base import unit_range, vae_decode, vae_encode  # noqa: F401 (also imported from here)
 
 __all__ = ["offline", "load_failed", "load_pipeline", "save_pipeline_lora", "from_subfolder_or_root", "torch_dtype", "scheduler_config", "epsilon_only", "epsilon_half",
            "vae_decode", "vae_encode", "load_t5_tokenizer"]
@@ -118,22 +118,6 @@ def epsilon_only(scheduler_config: dict[str, Any]) -> dict[str, Any]:
 def epsilon_half(out: Tensor, channels: int) -> Tensor:
     """The epsilon half of a learned-sigma output (``2 * channels`` channels: epsilon, variance)."""
     return out[:, :channels] if out.shape[1] == 2 * channels else out
-
-
-def vae_decode(vae: nn.Module, latents: Tensor, hard_clamp: bool = False) -> Tensor:
-    """Images in [0, 1] from the diffusion model's scaled latents, differentiably (see
-    :func:`unit_range` for the clamp)."""
-    cfg = vae.config
-    z = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
-    images = vae.decode(z.to(vae.dtype)).sample.to(latents.dtype)
-    return unit_range((images + 1) / 2, hard_clamp)
-
-
-def vae_encode(vae: nn.Module, images: Tensor) -> Tensor:
-    """The diffusion model's scaled latents (posterior mean) of images in [0, 1]."""
-    cfg = vae.config
-    mean = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist.mean.to(images.dtype)
-    return (mean - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor
 
 
 def load_t5_tokenizer(model: str, what: str = "PixArt-alpha pipeline", **hub: Any) -> Any:

@@ -10,8 +10,9 @@ from typing import Any, ContextManager
 import torch
 from torch import Tensor, nn
 
-from sdo_lightning.backbones.base import PooledTextCondition, PooledTextConditionedBackbone, apply_guidance, row_timesteps, speed_up
-from sdo_lightning.backbones.loading import load_pipeline, save_pipeline_lora, vae_encode
+from sdo_lightning.backbones.base import (PooledTextCondition, PooledTextConditionedBackbone, apply_guidance, row_timesteps,
+                                          speed_up, vae_encode)
+from sdo_lightning.backbones.loading import load_pipeline, save_pipeline_lora
 from sdo_lightning.backbones.stable_diffusion import StableDiffusionBackbone
 
 

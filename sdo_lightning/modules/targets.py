@@ -2,7 +2,9 @@
 
 A target prepares each sample's starting latent, makes the optimized variable, says how the
 trajectory reads it (which gives the gradient mode its :class:`~sdo_lightning.Target`), and
-projects it back onto its constraint set after every optimizer step.
+projects it back onto its constraint set after every optimizer step, holding what that needs
+(the start latents' norms). It reads the model, solver and seed from the
+:class:`~sdo_lightning.contracts.RunContext` the module hands it, never the module.
 
 In YAML ``target: x_T``, ``target: x_t`` and ``target: embedding`` are the short forms of
 ``StartNoise()``, ``IntermediateLatent()`` and ``ConditionEmbedding()``; options go under
@@ -13,16 +15,15 @@ from __future__ import annotations
 
 import abc
 import copy
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from sdo_lightning import progress, registry
-from sdo_lightning.contracts import Solver, Target
-
-if TYPE_CHECKING:
-    from sdo_lightning.latent_optimization import LatentOptimization
+from sdo_lightning.contracts import RunContext, Solver, Target
+from sdo_lightning.sampling import sample
+from sdo_lightning.sampling.inversion import invert
 
 
 class OptimizationTarget(abc.ABC):
@@ -36,17 +37,22 @@ class OptimizationTarget(abc.ABC):
     def check(self, solver: Solver) -> None:
         """Raise ValueError when the target does not fit the solver's schedule."""
 
-    def start_latent(self, noise: Tensor, cond: Any, batch: dict[str, Any], module: "LatentOptimization") -> Tensor:
+    #: the optimized variable is itself each sample's starting noise x_T, so fresh Gaussian draws
+    #: are values it may take (what best-of-N needs)
+    variable_is_noise: bool = False
+
+    def start_latent(self, noise: Tensor, cond: Any, batch: dict[str, Any], context: RunContext) -> Tensor:
         """The latent the optimized trajectory starts from, for the rows of ``noise`` (this
         process's samples; ``cond`` and ``batch`` hold the same rows)."""
         return noise
 
     @abc.abstractmethod
-    def initial_variable(self, start: Tensor, cond: Any, module: "LatentOptimization") -> Tensor:
-        """The optimized tensor before the first step (one row per sample)."""
+    def initial_variable(self, start: Tensor, cond: Any, context: RunContext) -> Tensor:
+        """The optimized tensor before the first step (one row per sample), from every sample's
+        prepared start latent ``start``; a target that projects keeps what it projects with here."""
 
     @abc.abstractmethod
-    def trajectory_inputs(self, variable: Tensor, start: Tensor, cond: Any, module: "LatentOptimization") -> tuple[Tensor, Any]:
+    def trajectory_inputs(self, variable: Tensor, start: Tensor, cond: Any, context: RunContext) -> tuple[Tensor, Any]:
         """``(start latent, conditioning)`` of the trajectory, from rows of the variable, the
         prepared start latent and the conditioning."""
 
@@ -54,9 +60,9 @@ class OptimizationTarget(abc.ABC):
         """What the gradient mode differentiates with respect to: a latent read by the first call."""
         return Target.latent()
 
-    def project(self, variable: Tensor, shell_norm: Tensor) -> None:
-        """Put ``variable`` back onto the constraint set, in place, after an optimizer step.
-        ``shell_norm`` holds each start latent's norm."""
+    def project(self, variable: Tensor, rows: Tensor | None = None) -> None:
+        """Put ``variable`` (every sample's, or the rows of samples ``rows``) back onto the
+        constraint set, in place: after an optimizer step, and a search's candidates."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -72,17 +78,24 @@ class _Latent(OptimizationTarget):
             raise ValueError(f"linf_radius must be > 0 (the L-infinity bound of the perturbation), got {linf_radius}.")
         self.project_to_shell = project_to_shell
         self.linf_radius = linf_radius
+        self._shell_norm: Tensor | None = None  # each start latent's norm, set by initial_variable
 
-    def initial_variable(self, start: Tensor, cond: Any, module: "LatentOptimization") -> Tensor:
+    def initial_variable(self, start: Tensor, cond: Any, context: RunContext) -> Tensor:
+        self._shell_norm = start.flatten(1).norm(dim=1)
         return torch.zeros_like(start) if self.linf_radius is not None else start.clone()
 
-    def trajectory_inputs(self, variable: Tensor, start: Tensor, cond: Any, module: "LatentOptimization") -> tuple[Tensor, Any]:
+    def trajectory_inputs(self, variable: Tensor, start: Tensor, cond: Any, context: RunContext) -> tuple[Tensor, Any]:
         return (start + variable if self.linf_radius is not None else variable), cond
 
-    def project(self, variable: Tensor, shell_norm: Tensor) -> None:
+    def project(self, variable: Tensor, rows: Tensor | None = None) -> None:
         if self.linf_radius is not None:
             variable.clamp_(-self.linf_radius, self.linf_radius)
         elif self.project_to_shell:
+            if self._shell_norm is None:
+                raise RuntimeError(f"{type(self).__name__}.project needs initial_variable first (the norms it projects to).")
+            # in the variable's dtype, as a module buffer cast by the Trainer's precision was
+            shell_norm = self._shell_norm if rows is None else self._shell_norm[rows.to(self._shell_norm.device)]
+            shell_norm = shell_norm.to(variable.device, variable.dtype)
             norms = variable.flatten(1).norm(dim=1).clamp_min(1e-12)
             variable.mul_((shell_norm / norms).view(-1, *[1] * (variable.dim() - 1)))
 
@@ -97,6 +110,10 @@ class StartNoise(_Latent):
         linf_radius: if set, optimize a perturbation of x_T bounded by this radius in the
             L-infinity norm (clamped after every step) instead of x_T itself.
     """
+
+    @property
+    def variable_is_noise(self) -> bool:  # type: ignore[override]
+        return self.linf_radius is None  # else the variable is a bounded perturbation of x_T
 
     def check(self, solver: Solver) -> None:
         if solver.start_timestep is not None:
@@ -126,27 +143,23 @@ class IntermediateLatent(_Latent):
         if solver.start_timestep is None:
             raise ValueError("target 'x_t' needs the solver's start_timestep (e.g. 600) to say which latent.")
 
-    def start_latent(self, noise: Tensor, cond: Any, batch: dict[str, Any], module: "LatentOptimization") -> Tensor:
-        backbone, solver = module.backbone, module.solver
+    def start_latent(self, noise: Tensor, cond: Any, batch: dict[str, Any], context: RunContext) -> Tensor:
+        backbone, solver = context.backbone, context.solver
         if self.invert_images:
-            return _invert(batch, cond, module, noise.device)
+            return _invert(batch, cond, context, noise.device)
         # Sample from x_T down to x_t without gradient; a stochastic solver draws the prefix's
         # noise from a stream of its own, so the optimized chain below x_t does not replay it.
-        from sdo_lightning.sampling import sample
-
         prefix_solver = copy.copy(solver)
         prefix_solver.start_timestep = None
         timesteps = prefix_solver.begin(backbone.scheduler_config).timesteps
         calls = int((timesteps > solver.start_timestep).sum())
-        seeds = [progress.latent_prefix_seed(module.seed, int(i)) for i in batch["index"].tolist()]
+        seeds = [progress.latent_prefix_seed(context.seed, int(i)) for i in batch["index"].tolist()]
         return sample(backbone.denoise, prefix_solver, noise, cond, num_calls=calls,
                       generator=progress.generators(seeds, noise.device), scheduler_config=backbone.scheduler_config)
 
 
-def _invert(batch: dict[str, Any], cond: Any, module: "LatentOptimization", device: torch.device) -> Tensor:
-    from sdo_lightning.inversion import invert
-
-    backbone = module.backbone
+def _invert(batch: dict[str, Any], cond: Any, context: RunContext, device: torch.device) -> Tensor:
+    backbone = context.backbone
     if "image" not in batch:
         raise KeyError("invert_images needs real images in the batch: give the data module images "
                        "(e.g. SampleSet(images='digits')).")
@@ -158,21 +171,21 @@ def _invert(batch: dict[str, Any], cond: Any, module: "LatentOptimization", devi
             f"{type(backbone).__name__} samples latents {tuple(backbone.latent_shape)}; resize the "
             "images to the model's image size (and channels) first."
         )
-    return invert(backbone.denoise, clean, cond, module.solver, backbone.scheduler_config)
+    return invert(backbone.denoise, clean, cond, context.solver, backbone.scheduler_config)
 
 
 class ConditionEmbedding(OptimizationTarget):
     """Each sample's conditioning embedding (a prompt embedding, a class embedding), read by
     every network call; the starting noise stays fixed."""
 
-    def initial_variable(self, start: Tensor, cond: Any, module: "LatentOptimization") -> Tensor:
-        emb = module.backbone.condition_embedding(cond)
+    def initial_variable(self, start: Tensor, cond: Any, context: RunContext) -> Tensor:
+        emb = context.backbone.condition_embedding(cond)
         if emb is None:
-            raise ValueError(f"{type(module.backbone).__name__} has no conditioning embedding to optimize.")
+            raise ValueError(f"{type(context.backbone).__name__} has no conditioning embedding to optimize.")
         return emb
 
-    def trajectory_inputs(self, variable: Tensor, start: Tensor, cond: Any, module: "LatentOptimization") -> tuple[Tensor, Any]:
-        return start, module.backbone.with_embedding(cond, variable)
+    def trajectory_inputs(self, variable: Tensor, start: Tensor, cond: Any, context: RunContext) -> tuple[Tensor, Any]:
+        return start, context.backbone.with_embedding(cond, variable)
 
     def gradient_target(self) -> Target:
         # read by every network call, like parameters

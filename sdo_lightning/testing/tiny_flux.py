@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_models import build_tiny_t5_tokenizer, build_tiny_tokenizer
+from sdo_lightning.testing.tiny_models import build_tiny_t5_tokenizer, build_tiny_tokenizer
 
 #: FLUX.1's VAE latent normalization (its vae/config.json)
 FLUX_SCALING_FACTOR, FLUX_SHIFT_FACTOR = 0.3611, 0.1159

@@ -42,8 +42,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from sdo_lightning import registry
 from sdo_lightning.contracts import Solver, SolverState
-from sdo_lightning.solvers import DDIM, FlowMatchEuler
 
 
 @dataclass
@@ -107,13 +107,15 @@ class Picard(Solver):
         exact_final: bool = True,
         cache_size: int = 256,
     ) -> None:
-        if isinstance(solver, Picard):
-            raise ValueError("Picard wraps a solver, not another Picard; give it DDIM or FlowMatchEuler.")
-        if isinstance(solver, DDIM) and solver.eta > 0:
-            raise ValueError(f"Picard needs a deterministic solver, but DDIM has eta={solver.eta}; set eta: 0.")
-        if not isinstance(solver, (DDIM, FlowMatchEuler)):
+        first_order = " and ".join(name for name, cls in registry.classes("solvers").items() if cls.first_order)
+        if solver.unwrap() is not solver:
+            raise ValueError(f"Picard wraps a solver, not another {type(solver).__name__}; give it {first_order}.")
+        why = solver.nondeterminism()
+        if solver.first_order and why is not None:
+            raise ValueError(f"Picard needs a deterministic solver, but {type(solver).__name__} {why}.")
+        if not solver.first_order:
             raise ValueError(
-                f"Picard supports the first-order solvers DDIM (eta=0) and FlowMatchEuler, not {type(solver).__name__} "
+                f"Picard supports the first-order solvers {first_order} (deterministic), not {type(solver).__name__} "
                 "(a multistep or stochastic solver's step is not a function of the current latent alone)."
             )
         if tolerance < 0:
@@ -172,6 +174,9 @@ class Picard(Solver):
     def step(self, model_output: Tensor, t: Tensor, x: Tensor, state: SolverState) -> Tensor:
         return self.solver.step(model_output, t, x, state)
 
+    def unwrap(self) -> Solver:
+        return self.solver  # it sets the schedule and steps
+
     def __repr__(self) -> str:
         return (f"Picard({self.solver!r}, tolerance={self.tolerance}, window={self.window}, "
                 f"max_sweeps={self.max_sweeps}, warm_start={self.warm_start})")
@@ -211,6 +216,8 @@ class Picard(Solver):
             return outputs[i]
 
         return converged, self.solver
+
+    prepare = converge  # the Solver hook sample() calls: the sweeps first
 
     @torch.no_grad()
     def _sweeps(self, denoiser: Callable, x: Tensor, cond: Any, state: SolverState, n: int,
@@ -360,7 +367,7 @@ class Picard(Solver):
         that reads each latent (0 at the end of the schedule)."""
         scheduler, timesteps = state.scheduler, state.timesteps
         out = torch.zeros(n + 1, dtype=torch.float64)
-        if isinstance(self.solver, FlowMatchEuler):
+        if self.solver.predicts == "velocity":  # a rectified flow's path
             sigmas = scheduler.sigmas.double().cpu()
             first = len(scheduler.timesteps) - len(timesteps)
             for i in range(n + 1):
@@ -382,11 +389,6 @@ class Picard(Solver):
             ab, ab_prev = float(alphas[t]), float(alphas[prev]) if prev >= 0 else final
             out[i] = (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
         return out
-
-    @staticmethod
-    def unwrap(solver: Solver) -> Solver:
-        """The solver that sets the schedule: the wrapped one for a :class:`Picard`, else ``solver``."""
-        return solver.solver if isinstance(solver, Picard) else solver
 
 
 __all__ = ["Picard", "PicardStats"]

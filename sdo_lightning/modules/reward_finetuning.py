@@ -18,10 +18,9 @@ from sdo_lightning.backbones import Backbone, DigitsBackbone
 from sdo_lightning.contracts import GradientMode, Objective, Target
 from sdo_lightning.contracts import Solver
 from sdo_lightning.gradient_modes import ShortcutGradient
-from sdo_lightning.picard import Picard
-from sdo_lightning.callbacks import SampleImages
-from sdo_lightning.metrics import Evaluation
-from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
+from sdo_lightning.training.callbacks import SampleImages
+from sdo_lightning.evaluation.metrics import Evaluation
+from sdo_lightning.modules.base import OptimizationModule, check_solver_fits_backbone
 from sdo_lightning.sampling import sample
 from sdo_lightning.solvers import DDIM
 
@@ -37,8 +36,8 @@ class RewardFineTuning(OptimizationModule):
 
     The starting noise of a sample is a function of the seed, the optimizer step, the micro-batch
     within the step (gradient accumulation) and the sample's ``batch["index"]`` alone, so a run on
-    several processes (DDP: each process gets its own samples, see :class:`~sdo_lightning.data.SampleSet`
-    and :class:`~sdo_lightning.data.PromptSet`) draws exactly what one process would draw for the
+    several processes (DDP: each process gets its own samples, see :class:`~sdo_lightning.training.data.SampleSet`
+    and :class:`~sdo_lightning.training.data.PromptSet`) draws exactly what one process would draw for the
     combined batch, and a resumed run draws what an uninterrupted one would. DDP averages the
     per-process mean losses' gradients: the gradient of the mean over the combined batch.
 
@@ -91,9 +90,9 @@ class RewardFineTuning(OptimizationModule):
         adapter: str | None = None,
     ) -> None:
         super().__init__(seed, on_nonfinite)
-        from sdo_lightning.search import SearchMode
+        from sdo_lightning.searches import Search
 
-        if isinstance(gradient_mode, SearchMode):
+        if isinstance(gradient_mode, Search):  # given in Python (a parsed config refuses it by type already)
             raise ValueError(gradient_mode.refusal())
         self.objective = objective
         self.backbone = backbone
@@ -314,8 +313,7 @@ class RewardFineTuning(OptimizationModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # every step draws new samples: a Picard solver's stored trajectories would never start
         # one warm again, and would hold one trajectory per sample on the device
-        if isinstance(self.solver, Picard):
-            self.solver.forget()
+        self.solver.forget()
 
     def export_adapter(self, directory: str | Path | None = None) -> Path | None:
         """Write the adapter (``<log dir>/lora`` by default) in the backbone's LoRA format.

@@ -10,27 +10,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from sdo_lightning import progress, registry
-
-
-def shard(n: int, rank: int, world_size: int) -> torch.Tensor:
-    """The sample indices process ``rank`` of ``world_size`` owns: ``rank, rank + world_size, ...``.
-
-    Every index lands on exactly one process; shard sizes differ by at most one.
-    """
-    if n < world_size:
-        raise ValueError(
-            f"{n} samples cannot be shared by {world_size} processes; give at least num_samples={world_size} "
-            "or run on fewer devices."
-        )
-    return torch.arange(rank, n, world_size)
-
-
-def batch_rows(batch: dict[str, Any], index: torch.Tensor) -> dict[str, Any]:
-    """The rows ``index`` of every column of ``batch`` (tensors and per-sample lists)."""
-    rows = index.tolist()
-    return {key: value[index.to(value.device)] if isinstance(value, torch.Tensor)
-            else [value[i] for i in rows] if isinstance(value, list) else value
-            for key, value in batch.items()}
+from sdo_lightning.training.rows import batch_rows, shard  # noqa: F401 (also imported from here)
 
 
 def _rank_and_world(trainer: Any) -> tuple[int, int]:
@@ -311,7 +291,7 @@ class PromptSet(_DataModule):
     micro-batch ``k`` of process ``rank`` taking positions ``(k * world_size + rank) * batch_size``
     onwards. So a run on 2 processes sees exactly the prompts of a 1-process run with twice the
     batch, and a resumed run draws what an uninterrupted one would. Each row's ``index`` is its
-    position in the step, which :class:`~sdo_lightning.reward_finetuning.RewardFineTuning`
+    position in the step, which :class:`~sdo_lightning.modules.reward_finetuning.RewardFineTuning`
     uses (with the step) to seed that sample's starting noise.
 
     Batches hold ``prompt`` (a list of strings, what text-conditioned backbones read), ``index``

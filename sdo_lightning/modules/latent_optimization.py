@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Literal
 
@@ -13,20 +14,20 @@ from torch import Tensor, nn
 
 from sdo_lightning import progress
 from sdo_lightning.backbones import Backbone, DigitsBackbone
-from sdo_lightning.callbacks import LatentResults
-from sdo_lightning.contracts import GradientMode, Objective, Solver, Target
-from sdo_lightning.data import batch_rows, shard
+from sdo_lightning.training.callbacks import LatentResults
+from sdo_lightning.contracts import GradientMode, Objective, RunContext, Solver, Target
+from sdo_lightning.training.rows import batch_rows, condition_rows, gather_rows, shard
 from sdo_lightning.gradient_modes import ShortcutGradient
-from sdo_lightning.metrics import Evaluation
-from sdo_lightning.module_base import OptimizationModule, check_solver_fits_backbone
-from sdo_lightning.picard import Picard
+from sdo_lightning.evaluation.metrics import Evaluation
+from sdo_lightning.modules.base import OptimizationModule, check_solver_fits_backbone
+from sdo_lightning.modules.latent_search import SearchSteps
 from sdo_lightning.sampling import sample
-from sdo_lightning.search import SearchMode
+from sdo_lightning.searches import Search
 from sdo_lightning.solvers import DDIM
-from sdo_lightning.targets import OptimizationTarget, as_target
+from sdo_lightning.modules.targets import OptimizationTarget, as_target
 
 
-class LatentOptimization(OptimizationModule):
+class LatentOptimization(SearchSteps, OptimizationModule):
     """Optimize each sample's starting latent (or conditioning) so its image lowers an objective.
 
     Every training step samples the whole chain with the solver, keeps the autograd graph of
@@ -35,7 +36,7 @@ class LatentOptimization(OptimizationModule):
     unoptimized samples) and ``latent``: each trajectory's start latent as the optimized variable
     makes it, differentiable (what :class:`~sdo_lightning.objectives.NoiseNormPrior` scores; with
     ``target: embedding`` it is the fixed noise). Each sample's best image (lowest loss seen) is
-    kept; at the end of fit the :class:`~sdo_lightning.callbacks.LatentResults` callback (added
+    kept; at the end of fit the :class:`~sdo_lightning.training.callbacks.LatentResults` callback (added
     unless the trainer has one) writes the before/after grid ``before_after.png``, the images
     ``samples.npz`` (``before``, ``after``: ``(B, C, H, W)`` in [0, 1]) and ``summary.json`` to the
     log directory.
@@ -52,10 +53,10 @@ class LatentOptimization(OptimizationModule):
         backbone: the diffusion model; default: the embedded digits model.
         solver: the sampler; default DDIM with 50 steps.
         gradient_mode: which network calls keep their graph; default SDO. A search
-            (:mod:`sdo_lightning.search`: ``BestOfN``, ``ZeroOrder``) instead proposes candidates of
+            (:mod:`sdo_lightning.searches`: ``BestOfN``, ``ZeroOrder``; a plugin kind of its own) instead proposes candidates of
             the variable every step, scores them without gradient and keeps each sample's best
             (manual optimization; ``max_steps`` counts search steps).
-        target: what is optimized (see :mod:`sdo_lightning.targets`): ``x_T`` (``StartNoise``: the
+        target: what is optimized (see :mod:`sdo_lightning.modules.targets`): ``x_T`` (``StartNoise``: the
             starting noise, kept on its norm shell), ``x_t`` (``IntermediateLatent``: the latent at
             ``solver.start_timestep``, reached by sampling without gradient or, with
             ``invert_images``, by DDIM inversion of real images) or ``embedding``
@@ -87,7 +88,7 @@ class LatentOptimization(OptimizationModule):
         objective: Objective,
         backbone: Backbone = lazy_instance(DigitsBackbone),
         solver: Solver = lazy_instance(DDIM, num_inference_steps=50),
-        gradient_mode: GradientMode = lazy_instance(ShortcutGradient),
+        gradient_mode: GradientMode | Search = lazy_instance(ShortcutGradient),
         target: OptimizationTarget | Literal["x_T", "x_t", "embedding"] = "x_T",
         lr: float = 0.05,
         optimizer: OptimizerCallable | None = None,
@@ -101,9 +102,10 @@ class LatentOptimization(OptimizationModule):
         if decode_clamp not in ("straight_through", "hard"):
             raise ValueError(f"decode_clamp must be 'straight_through' or 'hard', got {decode_clamp!r}.")
         backbone.decode_clamp = decode_clamp
-        self.target = as_target(target)
+        # the module's own copy: the target keeps per-run state (the start latents' norms)
+        self.target = copy.copy(as_target(target))
         self.target.check(solver)
-        if isinstance(gradient_mode, SearchMode):
+        if isinstance(gradient_mode, Search):  # the contract, not a concrete class
             gradient_mode.check_target(self.target)
             # no gradient to step with: the search moves the variable itself (see _search_step)
             self.automatic_optimization = False
@@ -120,6 +122,16 @@ class LatentOptimization(OptimizationModule):
         self.optimizer_factory = optimizer
         self.seed = seed
         self.variable: nn.Parameter | None = None
+
+    @property
+    def search(self) -> Search | None:
+        """The search given as ``gradient_mode``, or None for a gradient mode."""
+        return self.gradient_mode if isinstance(self.gradient_mode, Search) else None
+
+    @property
+    def context(self) -> RunContext:
+        """What the target and a search read of this module."""
+        return RunContext(self.backbone, self.solver, self.seed)
 
     # -- set-up -----------------------------------------------------------------------------
     def _trajectory_generator(self, index: Tensor, device: torch.device | None = None) -> list[torch.Generator]:
@@ -140,29 +152,12 @@ class LatentOptimization(OptimizationModule):
         device = self.trainer.strategy.root_device
         self.backbone.to(device)
         check_solver_fits_backbone(self.solver, self.backbone)
-        if isinstance(self.solver, Picard):
-            self.solver.forget()  # trajectories of another run in this process must not warm-start this one
+        self.solver.forget()  # a Picard solver's trajectories of another run in this process must not warm-start this one
         self._prepare(datamodule.full_batch(device), device)
 
     def _gather_rows(self, index: Tensor, rows: Tensor, n: int) -> Tensor:
         """Every process's ``rows`` (of samples ``index``, its shard) assembled into ``(n, ...)``."""
-        rank, world_size = self.world
-        if world_size == 1:
-            out = rows.new_zeros((n, *rows.shape[1:]))
-            out[index.to(rows.device)] = rows
-            return out
-        # shards differ in size by at most one: pad to the largest, gather, drop the padding
-        size = -(-n // world_size)
-        padded = rows.new_zeros((size, *rows.shape[1:]))
-        padded[: len(rows)] = rows
-        where = torch.full((size,), -1, dtype=torch.long, device=rows.device)
-        where[: len(index)] = index.to(rows.device)
-        all_rows = _all_gather(padded).reshape(world_size * size, *rows.shape[1:])
-        all_where = _all_gather(where).reshape(-1)
-        keep = all_where >= 0
-        out = rows.new_zeros((n, *rows.shape[1:]))
-        out[all_where[keep]] = all_rows[keep]
-        return out
+        return gather_rows(index, rows, n, self.world[1])
 
     @torch.no_grad()
     def _prepare(self, batch: dict[str, Any], device: torch.device) -> None:
@@ -172,15 +167,14 @@ class LatentOptimization(OptimizationModule):
         cond = self.backbone.encode_condition(batch)
         seeds = [progress.latent_noise_seed(self.seed, i) for i in batch["index"].tolist()]
         noise = progress.normal(self.backbone.latent_shape, seeds).to(device)
-        part = self.target.start_latent(noise[mine], _rows(cond, mine), batch_rows(batch, mine), self)
+        part = self.target.start_latent(noise[mine], condition_rows(cond, mine), batch_rows(batch, mine), self.context)
         start = self._gather_rows(mine, part, n)
         self.register_buffer("start_latent", start)
         if isinstance(cond, Tensor):
             self.register_buffer("start_cond", cond)
         else:  # e.g. TextCondition: not a tensor, kept as it is
             self.start_cond = cond
-        self.register_buffer("shell_norm", start.flatten(1).norm(dim=1))
-        self.variable = nn.Parameter(self.target.initial_variable(start, cond, self))
+        self.variable = nn.Parameter(self.target.initial_variable(start, cond, self.context))
         images = self._gather_rows(mine, self._generate(mine, grad=False, device=device), n)
         if not bool(torch.isfinite(images).all()):
             raise ValueError(
@@ -195,7 +189,7 @@ class LatentOptimization(OptimizationModule):
     def trajectory_inputs(self, index: Tensor) -> tuple[Tensor, Any]:
         """``(start latent, conditioning)`` of the trajectories of samples ``index``, as the
         optimized variable now makes them."""
-        return self.target.trajectory_inputs(self.variable[index], self.start_latent[index], self.start_cond[index], self)
+        return self.target.trajectory_inputs(self.variable[index], self.start_latent[index], self.start_cond[index], self.context)
 
     def optimized_tensors(self) -> list[Tensor]:
         return [self.variable]
@@ -209,7 +203,7 @@ class LatentOptimization(OptimizationModule):
         with torch.set_grad_enabled(grad):
             x0 = sample(
                 self.backbone.denoise, self.solver, x, cond,
-                gradient_mode=self.gradient_mode, target=self.gradient_target(),
+                gradient_mode=None if self.search is not None else self.gradient_mode, target=self.gradient_target(),
                 generator=self._trajectory_generator(index, device), plan_generator=self._plan_generator,
                 scheduler_config=self.backbone.scheduler_config,
             )
@@ -247,7 +241,7 @@ class LatentOptimization(OptimizationModule):
             return self.held_out_objective(images.detach(), self.objective_batch(batch, index, latent))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        if isinstance(self.gradient_mode, SearchMode):
+        if self.search is not None:
             return self._search_step(batch)
         index = batch["index"]
         images, losses = self.compute_losses(batch)
@@ -276,93 +270,22 @@ class LatentOptimization(OptimizationModule):
         if variable is not None:
             self.variable[better] = self._gather_rows(index, variable.to(self.variable.dtype), n)[better]
 
-    @torch.no_grad()
-    def _search_step(self, batch: dict[str, Any]) -> None:
-        """One step of a :class:`~sdo_lightning.search.SearchMode`: score its candidates for this
-        process's samples, log the best of them as a gradient step logs its images, count the
-        step on the optimizer (no gradients: it changes nothing) and move each sample to its best
-        candidate if that beats the lowest loss seen (the current point's)."""
-        index = batch["index"]
-        n = len(self.best_loss)
-        rows = index.to(self.best_loss.device)
-        fresh = torch.isinf(self.best_loss[rows])
-        if bool(fresh.any()):
-            # never scored, so still at the start: score the unoptimized samples (images exist already)
-            start_losses = self.objective(self.initial_images[rows], self.objective_batch(batch, index, self.start_latent[rows]))
-            self.check_losses(start_losses, len(rows))
-            scored = torch.where(fresh, start_losses.to(self.best_loss.dtype), self.best_loss[rows])
-            all_start = self._gather_rows(index, scored, n)
-            seen = self._gather_rows(index, torch.ones_like(scored), n) > 0
-            update = seen & torch.isinf(self.best_loss) & torch.isfinite(all_start)
-            self.best_loss[update] = all_start[update]
-
-        best_loss = best_images = best_variable = None
-        best_terms: dict[str, Tensor] = {}
-        for candidate in self.gradient_mode.propose(self.variable[rows].detach(), index, self.global_step, self):
-            inputs = self.target.trajectory_inputs(candidate, self.start_latent[rows], self.start_cond[index], self)
-            images = self._generate(index, grad=False, inputs=inputs)
-            losses = self.objective(images, self.objective_batch(batch, index, inputs[0]))
-            self.check_losses(losses, len(images))
-            # a non-finite candidate is never chosen
-            losses = torch.where(torch.isfinite(losses), losses, torch.full_like(losses, float("inf")))
-            terms = {k: v.detach() for k, v in self.objective.terms.items()}
-            if best_loss is None:
-                best_loss, best_images, best_variable, best_terms = losses, images, candidate, terms
-                continue
-            better = losses < best_loss
-            best_images = _pick(better, images, best_images)
-            best_variable = _pick(better, candidate, best_variable)
-            best_terms = {k: _pick(better, v, best_terms[k]) if k in best_terms else v for k, v in terms.items()}
-            best_loss = torch.where(better, losses, best_loss)
-
-        # the step's best candidates are what this step's network calls made: logged as a gradient
-        # step logs the images it sampled
-        self.log_terms(best_loss, _Terms(best_terms))
-        if self.held_out_objective is not None:
-            self.log("train/held_out", self.held_out_losses(best_images, batch).mean(), sync_dist=True)
-        skipped = self.skipped_steps
-        # counts the step (global_step, max_steps, checkpoints) and runs the non-finite check; with
-        # no gradients the optimizer changes nothing
-        self.optimizers().step()
-        if self.skipped_steps == skipped:
-            self._keep_best(index, best_loss, best_images, best_variable)
-        self.log("train/best_loss", self.best_loss.mean())
-
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         # Right after the update (before any callback, e.g. a checkpoint, sees the variable):
         # project the variable back onto its constraint set.
         with torch.no_grad():
-            self.target.project(self.variable, self.shell_norm)
+            self.target.project(self.variable)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_factory is not None:
             return self.optimizer_factory([self.variable])
         return torch.optim.Adam([self.variable], lr=self.lr)
 
-    def _check_search_trainer(self) -> None:
-        """A search steps without gradients: refuse the trainer settings that need one, in one
-        sentence (Lightning's manual optimization would refuse some with its own error, and a
-        gradient scaler would fail at the first step, having scaled nothing)."""
-        trainer = self.trainer
-        problems = []
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            problems.append(f"precision {trainer.precision} (its gradient scaler)")
-        if trainer.gradient_clip_val:
-            problems.append(f"gradient_clip_val {trainer.gradient_clip_val}")
-        if trainer.accumulate_grad_batches != 1:
-            problems.append(f"accumulate_grad_batches {trainer.accumulate_grad_batches}")
-        if problems:
-            raise ValueError(
-                f"{type(self.gradient_mode).__name__} searches without gradients, so it cannot run with "
-                f"{' or '.join(problems)}: set trainer.precision 32, bf16-mixed or bf16-true, trainer.gradient_clip_val "
-                "null and trainer.accumulate_grad_batches 1."
-            )
-
     def configure_callbacks(self) -> list[Callback]:
         # Lightning calls this before it checks the trainer against manual optimization: the
         # search's own refusal comes first
-        if isinstance(self.gradient_mode, SearchMode):
+        if self.search is not None:
             self._check_search_trainer()
         # the results writer, unless the trainer was given one (with its own options)
         extra = self.evaluation_callbacks()
@@ -448,29 +371,3 @@ class LatentOptimization(OptimizationModule):
         summary["l2_to_unoptimized"] = diff.norm(dim=1).mean().item()
         summary["rms_to_unoptimized"] = diff.pow(2).mean(1).sqrt().mean().item()
         return summary
-
-
-class _Terms:
-    """Stands in for the objective in :meth:`OptimizationModule.log_terms`: the chosen candidates' terms."""
-
-    def __init__(self, terms: dict[str, Tensor]) -> None:
-        self.terms = terms
-
-
-def _pick(better: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    """Row ``i`` of ``new`` where ``better[i]``, else of ``old``."""
-    return torch.where(better.view(-1, *[1] * (new.dim() - 1)), new, old)
-
-
-def _rows(cond: Any, index: Tensor) -> Any:
-    """The conditioning of samples ``index`` (a tensor, or an indexable condition object)."""
-    return cond[index.to(cond.device)] if isinstance(cond, Tensor) else cond[index]
-
-
-def _all_gather(tensor: Tensor) -> Tensor:
-    """``(world_size, *tensor.shape)``: every process's ``tensor`` (no autograd: results only)."""
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.stack(parts)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_models import build_tiny_t5_tokenizer, build_tiny_tokenizer
+from sdo_lightning.testing.tiny_models import build_tiny_t5_tokenizer, build_tiny_tokenizer
 
 #: SD3's VAE factors (stabilityai/stable-diffusion-3-medium, vae/config.json)
 SCALING_FACTOR, SHIFT_FACTOR = 1.5305, 0.0609

@@ -13,7 +13,6 @@ from torch import Tensor
 
 from sdo_lightning.contracts import GradientMode, GradientPlan, Target
 from sdo_lightning.gradient_modes import FullBackprop, TruncatedBackprop
-from sdo_lightning.module_base import OptimizationModule
 from sdo_lightning.sampling import Step, sample
 
 
@@ -89,7 +88,10 @@ class GradientDiagnostics(Callback):
     # -- what the module optimizes and how it generates ------------------------------------
     @staticmethod
     def _check(module: LightningModule) -> None:
-        if not isinstance(module, OptimizationModule):
+        # what diagnose() calls: the two modules of sdo_lightning.modules have it (checked by what it
+        # does, so this layer imports no module)
+        needed = ("optimized_tensors", "compute_losses", "gradient_target", "_plan_generator")
+        if not all(hasattr(module, name) for name in needed):
             raise TypeError(f"GradientDiagnostics supports LatentOptimization and RewardFineTuning, not {type(module).__name__}.")
 
     def _grad(self, module: LightningModule, batch: dict[str, Any], mode: GradientMode, params: list[Tensor]) -> Tensor:
@@ -185,11 +187,11 @@ def picard_contraction(
     solvers whose step depends on the current state alone (DDIM); returns (nan, x*) otherwise.
     Costs two trajectories of network calls. Returns the estimate and x* (the next guess).
     """
-    from sdo_lightning.picard import Picard
-
-    solver = Picard.unwrap(solver)  # the operator of the wrapped solver's steps
+    solver = solver.unwrap()  # the operator of a wrapped solver's steps
     fixed = trajectory(denoiser, solver, x_start, cond, scheduler_config)
-    if type(solver).__name__ != "DDIM" or getattr(solver, "eta", 0.0) != 0.0 or len(guess) != len(fixed):
+    # DDIM with eta 0 among the built-ins: a deterministic one-step solver of a diffusion model
+    deterministic_diffusion = solver.first_order and solver.nondeterminism() is None and solver.predicts == "noise"
+    if not deterministic_diffusion or len(guess) != len(fixed):
         return float("nan"), fixed
     # The sweep: call j reads the guess x^k_j (the callback continues from it) and contributes
     # its increment step_j(x^k_j) - x^k_j.

@@ -13,26 +13,22 @@ from torch import Tensor
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from sdo_lightning import progress, registry
+from sdo_lightning._moved import current_path
 from sdo_lightning.backbones import Backbone
-from sdo_lightning.checkpoint_io import SafeCheckpointIO
+from sdo_lightning.training.checkpoint_io import SafeCheckpointIO
 from sdo_lightning.contracts import Solver, Target
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient was NaN or infinite and the module was told to stop (``on_nonfinite: stop``)."""
+from sdo_lightning.evaluation.evaluator import Evaluator
+from sdo_lightning.errors import NonFiniteError  # noqa: F401 (raised here; also imported from here)
 
 
 def check_solver_fits_backbone(solver: Solver, backbone: Backbone) -> None:
     """Refuse a flow solver on a diffusion model and the other way round; warn when an LCM solver
     meets a model that is not LCM-distilled, or the other way round."""
-    from sdo_lightning.picard import Picard
-    from sdo_lightning.solvers import FlowMatchEuler, LCMMultistep
-
-    solver = Picard.unwrap(solver)  # Picard samples with the solver it wraps
-    flow_solver = isinstance(solver, FlowMatchEuler)
+    solver = solver.unwrap()  # a wrapper (Picard) samples with the solver it wraps
+    flow_solver = solver.predicts == "velocity"
     if flow_solver != backbone.flow_matching:
         model = "a rectified-flow model (velocity)" if backbone.flow_matching else "a diffusion model (noise prediction)"
-        fix = "FlowMatchEuler" if backbone.flow_matching else "DDIM, DPMSolverPlusPlus or LCMMultistep"
+        fix = _solvers_for(backbone.flow_matching)
         raise ValueError(f"{type(backbone).__name__} holds {model}, which solver {type(solver).__name__} cannot "
                          f"sample; use solver {fix}.")
 
@@ -40,17 +36,26 @@ def check_solver_fits_backbone(solver: Solver, backbone: Backbone) -> None:
     lcm_model = backbone.lcm_distilled
     lcm_lora = backbone.fused_lora is not None  # e.g. an LCM-LoRA fused at load time
     name = type(backbone).__name__
-    if isinstance(solver, LCMMultistep) and not (lcm_model or lcm_lora):
+    if solver.for_lcm_models and not (lcm_model or lcm_lora):
         rank_zero_warn(
             f"solver LCMMultistep on {name}, which does not look LCM-distilled (no guidance embedding, scheduler "
             f"{scheduler_name or 'unknown'}, no LCM-LoRA recorded): its samples will be poor; use DDIM or "
             "DPMSolverPlusPlus, or load an LCM model or LCM-LoRA (StableDiffusionBackbone lora: ...)."
         )
-    elif lcm_model and not isinstance(solver, LCMMultistep):
+    elif lcm_model and not solver.for_lcm_models:
+        lcm = " or ".join(n for n, c in registry.classes("solvers").items() if c.for_lcm_models)
         rank_zero_warn(
             f"{name} holds an LCM-distilled model but the solver is {type(solver).__name__}: use solver "
-            "LCMMultistep with 1-8 steps, since LCMs are not trained for other samplers."
+            f"{lcm} with 1-8 steps, since LCMs are not trained for other samplers."
         )
+
+
+def _solvers_for(flow_matching: bool) -> str:
+    """The registered solvers of a rectified flow (``flow_matching``) or of a diffusion model, in words
+    (wrappers such as Picard left out)."""
+    names = [n for n, c in registry.classes("solvers").items()
+             if (c.predicts == "velocity") == flow_matching and c.unwrap is Solver.unwrap]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else "".join(names)
 
 
 class OptimizationModule(LightningModule):
@@ -80,6 +85,8 @@ class OptimizationModule(LightningModule):
         self.skipped_steps = 0
         self._nonfinite_loss = False
         self.strict_loading = False  # checkpoints hold the trainable state only
+        #: validation, test and predict (its state stays out of checkpoints)
+        self.evaluator = Evaluator()
 
     # -- the log directory ------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -237,7 +244,8 @@ class OptimizationModule(LightningModule):
         when it matches (or the checkpoint has none). A setting one side does not record is not
         compared (checkpoints written outside ``sdo fit`` record no config). With ``evaluation``
         (validate, test, predict) only what defines the model is compared: the module, the base
-        model and :attr:`base_model_settings`."""
+        model and :attr:`base_model_settings`. Class paths of modules that moved since (see
+        :mod:`sdo_lightning._moved`) compare as their current paths, so runs of earlier releases resume."""
         if saved is None:
             return None
         mine = self.run_fingerprint()
@@ -246,7 +254,7 @@ class OptimizationModule(LightningModule):
                  and (not evaluation or k in self.base_model_entries)]
         if "config" in mine and "config" in saved:
             theirs, ours = saved["config"], mine["config"]
-            keys = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k)
+            keys = sorted(k for k in set(theirs) | set(ours) if _current(theirs.get(k)) != _current(ours.get(k))
                           and (not evaluation or k.startswith(self.base_model_settings)))
             diffs += [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in keys[:3]]
             if len(keys) > 3:
@@ -284,7 +292,7 @@ class OptimizationModule(LightningModule):
 
 
     # -- evaluation: sdo validate / test / predict, and validation during fit ---------------------
-    #: what validation, test and predict compute (a :class:`~sdo_lightning.metrics.Evaluation`);
+    #: what validation, test and predict compute (a :class:`~sdo_lightning.evaluation.metrics.Evaluation`);
     #: None: validation and test log nothing but the reward
     evaluation: Any = None
 
@@ -303,132 +311,43 @@ class OptimizationModule(LightningModule):
         """The batch the objectives see at evaluation (``initial_images``: the reference)."""
         return {**batch, "initial_images": reference} if reference is not None else dict(batch)
 
-    def _eval_metrics(self, channels: int = 1) -> Any:
-        metrics = getattr(self, "_metrics", None)
-        if metrics is None:
-            from sdo_lightning.metrics import Evaluation, SampleMetrics
-
-            # plain tensors, whichever mode the first evaluation runs in; building networks draws their
-            # initial weights from the global generators, which the training's draws must not see
-            with torch.inference_mode(False), progress.global_rng_unchanged():
-                metrics = self.evaluation.build(channels) if isinstance(self.evaluation, Evaluation) else SampleMetrics()
-            object.__setattr__(self, "_metrics", metrics.to(self.device))  # not a submodule: kept out of checkpoints
-        return metrics
-
     def reference_images(self, batch: dict[str, Any]) -> Tensor | None:
-        """:meth:`generate_reference` of ``batch``'s rows, each computed once (keyed by its seed and
-        condition) and kept on the CPU."""
-        cache: dict[Any, Tensor] = self.__dict__.setdefault("_reference_cache", {})
-        n = len(batch["seed"])
-        labels = batch.get("reference_class_label", batch.get("class_label"))
-        keys = [(int(s), None if labels is None else int(c), p) for s, c, p in zip(
-            batch["seed"].tolist(), [0] * n if labels is None else labels.tolist(), batch.get("prompt") or [None] * n)]
-        todo = [i for i, key in enumerate(keys) if key not in cache]
-        if todo:
-            from sdo_lightning.data import batch_rows
+        """:meth:`generate_reference` of ``batch``'s rows, each computed once (see :class:`Evaluator`)."""
+        return self.evaluator.reference_images(self, batch)
 
-            with progress.global_rng_unchanged():
-                made = self.generate_reference(batch_rows(batch, torch.tensor(todo)))
-            if made is None:
-                return None
-            for i, image in zip(todo, made.detach().float().cpu()):
-                cache[keys[i]] = image
-        return torch.stack([cache[key] for key in keys]).to(self.device)
-
-    def _evaluate_batch(self, batch: dict[str, Any]) -> Tensor:
-        with progress.global_rng_unchanged():  # validation during fit must not shift the training draws
-            images = self.generate_for_eval(batch)
-            reference = self.reference_images(batch)
-            scored = self.eval_batch(batch, images, reference)
-            losses = self.objective(images, scored)
-            held = getattr(self, "held_out_objective", None)
-            held_out = held(images, scored) if held is not None else None
-        self._eval_metrics(images.shape[1]).update(images, reference, losses, held_out, batch)
-        grid = self.__dict__.setdefault("_eval_grid", [])
-        limit = self.evaluation.grid_size if self.evaluation is not None else 64
-        if sum(len(g) for g in grid) < limit:
-            grid.append(images.detach().float().cpu())
-            base = self.__dict__.setdefault("_eval_base_grid", [])
-            if reference is not None:
-                base.append(reference.detach().float().cpu())
-        return images
+    @property
+    def last_eval_metrics(self) -> dict[str, float] | None:
+        """The values of the last finished validation or test."""
+        return self.evaluator.last_metrics
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate_batch(batch)
+        self.evaluator.evaluate_batch(self, batch)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate_batch(batch)
-
-    def _finish_evaluation(self, prefix: str) -> dict[str, float]:
-        metrics = self._eval_metrics()
-        values = metrics.compute()
-        metrics.reset()
-        shown = {k: v for k, v in values.items() if not k.startswith("class_") or k == "class_entropy"}
-        for name, value in shown.items():
-            self.log(f"{prefix}/{name}", float(value))
-        self.last_eval_metrics = values
-        limit = self.evaluation.grid_size if self.evaluation is not None else 64
-        grid, base = self.__dict__.pop("_eval_grid", []), self.__dict__.pop("_eval_base_grid", [])
-        experiment = getattr(self.logger, "experiment", None) if self._trainer is not None else None
-        if grid and hasattr(experiment, "add_image"):
-            from sdo_lightning.images import make_grid
-
-            # the step Lightning logs this validation's scalars at, so the slider lines up with them
-            step = getattr(self.trainer.fit_loop.epoch_loop, "_batches_that_stepped", self.trainer.global_step) \
-                if self.trainer.state.fn == "fit" else self.trainer.global_step
-            experiment.add_image(f"{prefix}/samples", make_grid(torch.cat(grid)[:limit]), step)
-            if base and not self.__dict__.get(f"_{prefix}_base_logged"):  # the same every time: once
-                experiment.add_image(f"{prefix}/base_samples", make_grid(torch.cat(base)[:limit]), step)
-                self.__dict__[f"_{prefix}_base_logged"] = True
-        if self.global_rank == 0 and self.log_dir is not None and self.trainer.state.fn != "fit":
-            import json
-
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            (self.log_dir / f"{prefix}_metrics.json").write_text(json.dumps(values, indent=2) + "\n")
-        return values
+        self.evaluator.evaluate_batch(self, batch)
 
     def on_validation_epoch_end(self) -> None:
-        if getattr(self, "_metrics", None) is not None:
-            self._finish_evaluation("val")
+        self.evaluator.finish(self, "val")
 
     def on_test_epoch_end(self) -> None:
-        if getattr(self, "_metrics", None) is not None:
-            self._finish_evaluation("test")
+        self.evaluator.finish(self, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """The images of the evaluation rows (and the unoptimized model's, unless
         ``evaluation.predict_base`` is off), with the rows' seeds and conditions, for
-        :class:`~sdo_lightning.callbacks.PredictionWriter`."""
-        with progress.global_rng_unchanged():
-            out: dict[str, Any] = {"images": self.generate_for_eval(batch).detach().float().cpu()}
-            if self.evaluation is None or self.evaluation.predict_base:
-                reference = self.reference_images(batch)
-                if reference is not None:
-                    out["base"] = reference.float().cpu()
-        out["seed"] = batch["seed"].cpu()
-        for key in ("class_label", "reference_class_label"):
-            if key in batch:
-                out[key] = batch[key].cpu()
-        if batch.get("prompt") is not None:
-            out["prompt"] = list(batch["prompt"])
-        return out
+        :class:`~sdo_lightning.training.callbacks.PredictionWriter`."""
+        return self.evaluator.predict(self, batch)
 
     def evaluation_callbacks(self) -> list[Callback]:
         """The callbacks validation and predict need, unless the trainer has its own:
-        :class:`~sdo_lightning.callbacks.PredictionWriter`."""
-        from sdo_lightning.callbacks import PredictionWriter
-
-        if any(isinstance(cb, PredictionWriter) for cb in self.trainer.callbacks):
-            return []
-        return [PredictionWriter()]
+        :class:`~sdo_lightning.training.callbacks.PredictionWriter`."""
+        return self.evaluator.callbacks(self.trainer)
 
     def solver_name(self) -> str:
-        """The solver as the HParams tab and model cards record it: its class name, or for a
-        :class:`~sdo_lightning.picard.Picard` its repr (which names the solver it wraps)."""
-        from sdo_lightning.picard import Picard
-
+        """The solver as the HParams tab and model cards record it: its class name, or for a wrapper
+        such as :class:`~sdo_lightning.sampling.picard.Picard` its repr (which names the solver it wraps)."""
         solver = getattr(self, "solver", None)
-        return repr(solver) if isinstance(solver, Picard) else type(solver).__name__
+        return repr(solver) if solver is not None and solver.unwrap() is not solver else type(solver).__name__
 
     def optimizer_lr(self) -> float | None:
         """The learning rate the optimizer runs with (an ``optimizer:`` factory may set its own),
@@ -440,22 +359,10 @@ class OptimizationModule(LightningModule):
         return getattr(self, "lr", None)
 
     def log_hparams_with_metrics(self, params: dict[str, Any]) -> None:
-        """Put ``params`` in TensorBoard's HParams tab beside the last evaluation's numbers
-        (``hp/<name>``), or the last training loss when nothing was evaluated."""
-        logger = self.logger if self._trainer is not None else None
-        if logger is None or self.global_rank != 0:
-            return
-        values = getattr(self, "last_eval_metrics", None) or {}
-        metrics = {f"hp/{k}": float(v) for k, v in values.items() if not k.startswith("class_") or k == "class_entropy"}
-        loss = self.trainer.callback_metrics.get("train/loss")
-        if loss is not None:
-            metrics["hp/train_loss"] = float(loss)
-        clean = {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in params.items()}
-        from lightning.pytorch.loggers import TensorBoardLogger
+        """Put ``params`` in TensorBoard's HParams tab beside the last evaluation's numbers."""
+        self.evaluator.log_hparams(self, params)
 
-        if isinstance(logger, TensorBoardLogger):  # its HParams tab pairs the settings with the metrics
-            logger.log_hyperparams(clean, metrics=metrics or None)
-        else:  # CSV, W&B, MLflow: log_hyperparams(params) only
-            logger.log_hyperparams(clean)
-            if metrics:
-                logger.log_metrics(metrics, step=self.trainer.global_step)
+
+def _current(value: Any) -> Any:
+    """A recorded setting as this release names it: a class path of a moved module mapped to its new one."""
+    return current_path(value) if isinstance(value, str) else value

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from sdo_lightning import progress
 from sdo_lightning.images import make_grid, save_before_after, save_labelled_rows
-from sdo_lightning.module_base import NonFiniteError
+from sdo_lightning.errors import NonFiniteError
 
 
 class InterruptCheckpoint(Callback):

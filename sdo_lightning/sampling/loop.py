@@ -23,7 +23,6 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from sdo_lightning.contracts import GradientMode, GradientPlan, Solver, Target
-from sdo_lightning.picard import Picard
 
 #: ``denoiser(x, t, cond) -> model_output``; guidance (CFG) lives inside the denoiser.
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
@@ -72,9 +71,10 @@ def sample(
     Args:
         denoiser: ``denoiser(x, t, cond)`` returns the network output (epsilon, v or x_0, as the
             scheduler config's ``prediction_type`` says), guidance included.
-        solver: the :class:`Solver`; a fresh scheduler is built for this trajectory. A
-            :class:`~sdo_lightning.picard.Picard` solver computes the calls that keep no graph in
-            parallel sweeps first (see :mod:`sdo_lightning.picard`).
+        solver: the :class:`Solver`; a fresh scheduler is built for this trajectory. A wrapper
+            prepares the trajectory first (:meth:`Solver.prepare`): a
+            :class:`~sdo_lightning.sampling.picard.Picard` solver computes the calls that keep no graph
+            in parallel sweeps (see :mod:`sdo_lightning.sampling.picard`).
         x: the start latent: noise at the solver's first timestep (x_T, or x_t when the solver
             has a ``start_timestep``).
         cond: conditioning handed to ``denoiser`` unchanged.
@@ -93,11 +93,11 @@ def sample(
             sweep continues each call from its guess of the trajectory). Replacing the latent
             of a multistep solver (DPM-Solver++) leaves its history as it was.
     """
-    if isinstance(solver, Picard):
-        # Picard (ParaDiGMS): the calls that keep no graph come from parallel sweeps; this loop then
-        # runs at the converged trajectory, the kept calls real, the others their converged outputs
-        denoiser, solver = solver.converge(denoiser, x, cond, generator=generator, scheduler_config=scheduler_config,
-                                           num_calls=num_calls, progress=progress)
+    # a plain solver: the two unchanged. A wrapper such as Picard (ParaDiGMS): the calls that keep no
+    # graph come from parallel sweeps; this loop then runs the wrapped solver at the converged
+    # trajectory, the kept calls real, the others their converged outputs
+    denoiser, solver = solver.prepare(denoiser, x, cond, generator=generator, scheduler_config=scheduler_config,
+                                      num_calls=num_calls, progress=progress)
     state = solver.begin(scheduler_config, x.device, generator)
     timesteps = state.timesteps if num_calls is None else state.timesteps[:num_calls]
     if gradient_mode is not None and torch.is_grad_enabled():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tiny_models import build_tiny_tokenizer
+from sdo_lightning.testing.tiny_models import build_tiny_tokenizer
 
 #: the tiny model's sizes: encoder widths, pooled projection, UNet time-id embedding width
 HIDDEN_1, HIDDEN_2, PROJECTION, TIME_EMBED = 8, 16, 12, 4

@@ -1,7 +1,8 @@
 """Inversion: from a clean latent back to the noisy latent a trajectory starts from.
 
 :func:`invert` picks the inversion that matches the solver: the Euler step of a rectified flow
-run backwards for :class:`~sdo_lightning.solvers.FlowMatchEuler`, DDIM inversion otherwise.
+run backwards for a solver of a rectified flow (``predicts == "velocity"``, e.g.
+:class:`~sdo_lightning.solvers.FlowMatchEuler`), DDIM inversion otherwise.
 """
 
 from __future__ import annotations
@@ -28,11 +29,8 @@ def invert(
 ) -> Tensor:
     """The latent at the solver's first timestep whose trajectory ends at ``x0``, approximately:
     :func:`flow_invert` for a flow solver, :func:`ddim_invert` for the others."""
-    from sdo_lightning.picard import Picard
-    from sdo_lightning.solvers import FlowMatchEuler
-
-    solver = Picard.unwrap(solver)  # inversion walks the wrapped solver's schedule step by step
-    inverse = flow_invert if isinstance(solver, FlowMatchEuler) else ddim_invert
+    solver = solver.unwrap()  # inversion walks a wrapped solver's schedule step by step
+    inverse = flow_invert if solver.predicts == "velocity" else ddim_invert
     return inverse(denoiser, x0, cond, solver, scheduler_config)
 
 
