@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from tiny_models import build_tiny_clip, build_tiny_ddpm, build_tiny_sd
-from tiny_objective_models import save
+from sdo_lightning.testing.tiny_models import build_tiny_clip, build_tiny_ddpm, build_tiny_sd
+from sdo_lightning.testing.tiny_objective_models import save
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASED = ROOT / "configs" / "released"

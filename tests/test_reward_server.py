@@ -23,7 +23,7 @@ from sdo_lightning.objectives import CLIPScore, ClassifierObjective, RemoteObjec
 from sdo_lightning.objectives.remote import RewardServerError
 from sdo_lightning.reward_server import RewardServer
 from sdo_lightning.solvers import DDIM
-from tiny_models import build_tiny_clip
+from sdo_lightning.testing.tiny_models import build_tiny_clip
 
 
 def start_server(*objective_args):
