@@ -13,7 +13,8 @@ from test_cli import ROOT
 #: (layer, module prefixes): a module is in the layer of its longest matching prefix
 LAYERS = [
     ("vocabulary", ["sdo_lightning._hub", "sdo_lightning._moved", "sdo_lightning.contracts", "sdo_lightning.registry",
-                    "sdo_lightning.errors", "sdo_lightning.progress", "sdo_lightning.images", "sdo_lightning.lora"]),
+                    "sdo_lightning.errors", "sdo_lightning.progress", "sdo_lightning.images", "sdo_lightning.lora",
+                    "sdo_lightning.white_noise"]),
     ("plugins", ["sdo_lightning.solvers", "sdo_lightning.gradient_modes", "sdo_lightning.searches",
                  "sdo_lightning.objectives", "sdo_lightning.digits", "sdo_lightning.backbones"]),
     ("sampling", ["sdo_lightning.sampling"]),
