@@ -24,8 +24,13 @@ step a callback records, with its own scoring time taken off the clock:
   for a small change: best-of-N draws new samples, the gradient methods edit the given ones).
 
 Methods: ``sdo`` (ShortcutGradient), ``full`` (FullBackprop), ``best_of_n`` (BestOfN, 4 fresh
-noises per step and sample) and ``zero_order`` (ZeroOrder, 4 perturbations of sigma 0.2 per step and
-sample). Truncated backprop (DRaFT-K, AlignProp) is not a method for a start noise: x_T is read by
+noises per step and sample), ``zero_order`` (ZeroOrder, 4 perturbations of sigma 0.2 per step and
+sample), ``sdo_white`` (SDO with ``StartNoise(white_noise: true)``: x_T back on white-noise statistics
+after every step) and ``hybrid`` (``SearchThenGradient``: best-of-N for half the seconds, then SDO
+from each sample's best). The hybrid runs once per budget of ``--budgets``: its ``max_steps`` and
+``split`` come from the CPU seconds per step of the sdo and best_of_n runs of the same model and
+seed, and each budget's column reads the run made for it. ``real_dist`` is the mean L2 distance of
+the best images to the nearest real 7 of scikit-learn's digits (at 16 px): how far from the data. Truncated backprop (DRaFT-K, AlignProp) is not a method for a start noise: x_T is read by
 the first network call only, so a truncation that keeps the last K < N calls gives it no gradient
 (TruncatedBackprop refuses), and K = N is full backprop; ``--methods truncated`` runs
 ``TruncatedBackprop(k=N)`` to show that it costs what full backprop costs.
@@ -48,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from lightning.pytorch import Callback, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +65,17 @@ METHODS = {
     "best_of_n": ["--model.gradient_mode", "BestOfN", "--model.gradient_mode.candidates", "4"],
     "zero_order": ["--model.gradient_mode", "ZeroOrder", "--model.gradient_mode.candidates", "4",
                    "--model.gradient_mode.sigma", "0.2"],
+    # SDO with x_T projected onto white-noise statistics (then its norm shell) after every step
+    "sdo_white": ["--model.gradient_mode", "ShortcutGradient", "--model.target", "StartNoise",
+                  "--model.target.white_noise", "true"],
+    # best-of-N (4 candidates) for HYBRID_SEARCH_TIME of the budget, then SDO steps from each sample's best;
+    # run once per budget, its max_steps and split set from the seconds per step of the sdo and
+    # best_of_n runs of the same model and seed (see hybrid_schedule)
+    "hybrid": ["--model.gradient_mode", "SearchThenGradient", "--model.gradient_mode.search", "BestOfN",
+               "--model.gradient_mode.search.candidates", "4"],
 }
+#: the share of a hybrid run's seconds spent searching
+HYBRID_SEARCH_TIME = 0.5
 RESCORE_SEED = 1234
 
 
@@ -71,8 +87,10 @@ class Clock(Callback):
     """Records the reward after every step against the run's clock (its own scoring time taken off),
     and stops the fit when the clock passes ``budget`` seconds or ``max_steps`` steps are done."""
 
-    def __init__(self, budget: float, clock: str, judge: Any, classifier: Any, target: int) -> None:
+    def __init__(self, budget: float, clock: str, judge: Any, classifier: Any, target: int,
+                 real: Tensor | None = None) -> None:
         self.budget, self.clock, self.judge, self.classifier, self.target = budget, clock, judge, classifier, target
+        self.real = real  # the real digits of the target class, flattened, for the nearest-real distance
         self.rows: list[dict[str, float]] = []
 
     def _score(self, module: Any, best_loss: float) -> dict[str, float]:
@@ -91,6 +109,8 @@ class Clock(Callback):
             if self.classifier is not None:
                 row["target_prob"] = self.classifier(images).softmax(-1)[:, self.target].mean().item()
                 row["judge_prob"] = 1 - row["judge_loss"]
+            if self.real is not None:  # how far the images are from the data: the L2 to the nearest real 7
+                row["real_dist"] = torch.cdist(images.flatten(1).float(), self.real).min(dim=1).values.mean().item()
         return row
 
     def _now(self) -> tuple[float, float]:
@@ -126,11 +146,20 @@ def _no_results() -> Callback:
     return NoResults()
 
 
-def digits_module(model: str, method: str, seed: int, samples: int, steps: int | None) -> tuple[Any, Any]:
+def hybrid_schedule(budget: float, sdo_s: float, search_s: float) -> tuple[int, float]:
+    """``(max_steps, split)`` of a hybrid run that searches for ``HYBRID_SEARCH_TIME`` of ``budget``
+    seconds and takes SDO steps for the rest, from the seconds per step of a search and an SDO step."""
+    searched = max(1, round(HYBRID_SEARCH_TIME * budget / search_s))
+    stepped = max(1, round((1 - HYBRID_SEARCH_TIME) * budget / sdo_s))
+    return searched + stepped, searched / (searched + stepped)
+
+
+def digits_module(model: str, method: str, seed: int, samples: int, steps: int | None,
+                  extra: list[str] = ()) -> tuple[Any, Any]:
     """The config's module and data module, as ``sdo fit`` builds them, with the method and seed set."""
     from _models import cli_parts
 
-    args = ["--config", str(CONFIGS[model]), *METHODS[method], "--model.seed", str(seed),
+    args = ["--config", str(CONFIGS[model]), *METHODS[method], *extra, "--model.seed", str(seed),
             "--seed_everything", str(seed), "--data.num_samples", str(samples), "--trainer.logger", "false"]
     if steps is not None:
         args += ["--model.solver.num_inference_steps", str(steps)]
@@ -166,20 +195,27 @@ def tiny_sd_module(method: str, seed: int, samples: int, steps: int | None, root
     return module, SampleSet(num_samples=samples, prompt="a cat"), judge
 
 
-def run(model: str, method: str, seed: int, args: argparse.Namespace, tmp: Path) -> list[dict[str, float]]:
+def run(model: str, method: str, seed: int, args: argparse.Namespace, tmp: Path, budget: float | None = None,
+        schedule: tuple[int, float] | None = None) -> list[dict[str, float]]:
     torch.manual_seed(seed)
+    real = None
     if model == "tiny_sd":
         module, data, judge = tiny_sd_module(method, seed, args.samples, args.steps, tmp)
         classifier = None
     else:
         from sdo_lightning.digits import WEIGHTS_DIR, DigitClassifier
+        from sdo_lightning.digits.data import load_digits_images
         from sdo_lightning.digits.judge import DigitsJudge
 
-        module, data = digits_module(model, method, seed, args.samples, args.steps)
+        extra = [] if schedule is None else ["--model.gradient_mode.split", str(schedule[1])]
+        module, data = digits_module(model, method, seed, args.samples, args.steps, extra)
         judge = DigitsJudge(target_class=7, image_size=16)
         classifier = DigitClassifier.from_pretrained(WEIGHTS_DIR / "classifier").eval()
-    clock = Clock(args.seconds, args.clock, judge, classifier, target=7)
-    trainer = Trainer(max_steps=args.max_steps or 10**6, accelerator="cpu", logger=False, enable_checkpointing=False,
+        images, labels = load_digits_images(16)
+        real = images[labels == 7].flatten(1)
+    clock = Clock(budget or args.seconds, args.clock, judge, classifier, target=7, real=real)
+    max_steps = schedule[0] if schedule is not None else args.max_steps or 10**6
+    trainer = Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp,
                       callbacks=[clock, _no_results()])
     trainer.fit(module, datamodule=data)
@@ -199,26 +235,31 @@ def at(rows: list[dict[str, float]], key: str, seconds: float) -> float:
 def table(results: dict[str, Any], budgets: list[float]) -> str:
     import numpy as np
 
-    metrics = [k for k in ("objective", "target_prob", "judge_prob", "judge_loss", "l2") if k in results["runs"][0]["rows"][0]]
+    metrics = [k for k in ("objective", "target_prob", "judge_prob", "judge_loss", "l2", "real_dist")
+               if k in results["runs"][0]["rows"][0]]
     if "judge_prob" in metrics:
         metrics.remove("judge_loss")
     head = ["model", "method", "steps"] + [f"{m} @ {b:g} s" for b in budgets for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     keys = sorted({(r["model"], r["method"]) for r in results["runs"]}, key=lambda k: (k[0], list(METHODS).index(k[1])))
     for model, method in keys:
-        runs = [r["rows"] for r in results["runs"] if (r["model"], r["method"]) == (model, method)]
+        runs = [r["rows"] for r in results["runs"] if (r["model"], r["method"]) == (model, method)
+                and r.get("budget") in (None, max(budgets))]
         steps = np.mean([r[-1]["step"] for r in runs])
         cells = [model, method, f"{steps:.0f}"]
         for b in budgets:
+            # a hybrid's schedule depends on its budget: each budget reads the run made for it
+            at_b = [r["rows"] for r in results["runs"] if (r["model"], r["method"]) == (model, method)
+                    and r.get("budget") in (None, b)]
             for m in metrics:
-                values = np.array([at(rows, m, b) for rows in runs])
+                values = np.array([at(rows, m, b) for rows in at_b])
                 cells.append(f"{values.mean():.3f} ± {values.std():.3f}" if len(values) > 1 else f"{values.mean():.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 COLORS = {"sdo": (31, 119, 180), "full": (255, 127, 14), "truncated": (148, 103, 189), "best_of_n": (44, 160, 44),
-          "zero_order": (214, 39, 40)}
+          "zero_order": (214, 39, 40), "sdo_white": (23, 190, 207), "hybrid": (0, 0, 0)}
 
 
 def _panel(draw: Any, box: tuple[int, int, int, int], title: str, xlabel: str, curves: list[tuple[str, Any, Any, Any]],
@@ -268,11 +309,12 @@ def plot(results: dict[str, Any], path: Path) -> None:
     from PIL import Image, ImageDraw
 
     models = list(dict.fromkeys(r["model"] for r in results["runs"]))
-    metrics = [m for m in ("objective", "judge_prob", "judge_loss", "l2") if m in results["runs"][0]["rows"][0]]
+    metrics = [m for m in ("objective", "judge_prob", "judge_loss", "l2", "real_dist") if m in results["runs"][0]["rows"][0]]
     if "judge_prob" in metrics:
         metrics.remove("judge_loss")
     labels = {"objective": "objective, re-scored (lower is better)", "judge_prob": "independent judge p(7) (higher is better)",
-              "judge_loss": "judge loss (lower is better)", "l2": "L2 to the unoptimized samples"}
+              "judge_loss": "judge loss (lower is better)", "l2": "L2 to the unoptimized samples",
+              "real_dist": "L2 to the nearest real 7"}
     horizon = min(results["seconds"], max(row["seconds"] for r in results["runs"] for row in r["rows"]))
     grid = np.linspace(0, horizon, 240)
     width, height = 460, 300
@@ -283,7 +325,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for j, metric in enumerate(metrics):
             curves = []
             for method in METHODS:
-                runs = [r["rows"] for r in results["runs"] if (r["model"], r["method"]) == (model, method)]
+                runs = [r["rows"] for r in results["runs"] if (r["model"], r["method"]) == (model, method)
+                        and r.get("budget") in (None, results["seconds"])]
                 if runs:
                     values = np.array([[at(rows, metric, t) for t in grid] for rows in runs])
                     curves.append((method, values.mean(0), values.min(0), values.max(0)))
@@ -325,12 +368,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r".*(eval mode|IterableDataset|val_dataloader|LeafSpec).*")
     results: dict[str, Any] = {"seconds": args.seconds, "clock": args.clock, "threads": args.threads,
                                "samples": args.samples, "steps": args.steps or 50, "runs": []}
-    jobs = [(m, k, s) for m in args.models for k in args.methods for s in args.seeds]
+    if "hybrid" in args.methods and not {"sdo", "best_of_n"} <= set(args.methods):
+        parser.error("--methods hybrid needs sdo and best_of_n too (its schedule comes from their seconds per step)")
+    # the hybrid last: its schedule reads the sdo and best_of_n runs of the same model and seed
+    methods = sorted(args.methods, key=lambda k: k == "hybrid")
+    jobs = [(m, k, s, b) for m in args.models for k in methods for s in args.seeds
+            for b in (budgets if k == "hybrid" else [None])]
     start = time.perf_counter()
+
+    def per_step(model: str, method: str, seed: int) -> float:
+        (rows,) = [r["rows"] for r in results["runs"] if (r["model"], r["method"], r["seed"]) == (model, method, seed)]
+        return rows[-1]["seconds"] / rows[-1]["step"]
+
     with tempfile.TemporaryDirectory() as tmp:
-        for model, method, seed in tqdm(jobs, desc="runs"):
-            rows = run(model, method, seed, args, Path(tmp))
-            results["runs"].append({"model": model, "method": method, "seed": seed, "rows": rows})
+        for model, method, seed, budget in tqdm(jobs, desc="runs"):
+            schedule = None
+            if method == "hybrid":
+                schedule = hybrid_schedule(budget, per_step(model, "sdo", seed), per_step(model, "best_of_n", seed))
+            rows = run(model, method, seed, args, Path(tmp), budget=budget, schedule=schedule)
+            results["runs"].append({"model": model, "method": method, "seed": seed, "rows": rows,
+                                    **({"budget": budget, "schedule": schedule} if budget is not None else {})})
             last = rows[-1]
             log(f"{model} {method} seed {seed}: {last['step']} steps in {last['process_s']:.1f} CPU-s "
                 f"({last['wall_s']:.1f} wall-s), objective {rows[0]['objective']:.3f} -> {last['objective']:.3f}"

@@ -100,6 +100,11 @@ class Search(abc.ABC):
                 "gradient_mode of LatentOptimization only (RewardFineTuning needs a gradient mode: ShortcutGradient, "
                 "FullBackprop, TruncatedBackprop or DRTune).")
 
+    def gradient_mode_at(self, step: int, max_steps: int) -> Any:
+        """The gradient mode that takes optimizer step ``step`` (of ``max_steps``) instead of this
+        search, or None: a plain search searches at every step (see :class:`SearchThenGradient`)."""
+        return None
+
     def check_target(self, target: Any) -> None:
         """Raise ValueError when this search cannot move ``target`` (an optimization target of
         LatentOptimization; called at construction)."""

@@ -128,6 +128,15 @@ class LatentOptimization(SearchSteps, OptimizationModule):
         """The search given as ``gradient_mode``, or None for a gradient mode."""
         return self.gradient_mode if isinstance(self.gradient_mode, Search) else None
 
+    def active_gradient_mode(self) -> GradientMode | None:
+        """The gradient mode of the current optimizer step: ``gradient_mode``, or for a search None
+        (no graph) unless it hands this step to a gradient mode (:class:`~sdo_lightning.searches.SearchThenGradient`)."""
+        if self.search is None:
+            return self.gradient_mode
+        if self._trainer is None:
+            return None
+        return self.search.gradient_mode_at(self.global_step, self.trainer.max_steps)
+
     @property
     def context(self) -> RunContext:
         """What the target and a search read of this module."""
@@ -203,7 +212,7 @@ class LatentOptimization(SearchSteps, OptimizationModule):
         with torch.set_grad_enabled(grad):
             x0 = sample(
                 self.backbone.denoise, self.solver, x, cond,
-                gradient_mode=None if self.search is not None else self.gradient_mode, target=self.gradient_target(),
+                gradient_mode=self.active_gradient_mode(), target=self.gradient_target(),
                 generator=self._trajectory_generator(index, device), plan_generator=self._plan_generator,
                 scheduler_config=self.backbone.scheduler_config,
             )
@@ -242,7 +251,13 @@ class LatentOptimization(SearchSteps, OptimizationModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         if self.search is not None:
-            return self._search_step(batch)
+            if self.active_gradient_mode() is None:
+                return self._search_step(batch)
+            return self._manual_gradient_step(batch)
+        return self._gradient_loss(batch)
+
+    def _gradient_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """The loss of one gradient step (its images kept and its terms logged)."""
         index = batch["index"]
         images, losses = self.compute_losses(batch)
         self.check_losses(losses, len(images))
@@ -253,6 +268,17 @@ class LatentOptimization(SearchSteps, OptimizationModule):
         # Sum, not mean: each sample's gradient is its own loss's gradient, whatever the batch size.
         # Times the number of processes: DDP averages gradients, and each sample lives on one process.
         return losses.sum() * self.world[1]
+
+    def _manual_gradient_step(self, batch: dict[str, Tensor]) -> None:
+        """A gradient step of a run in manual optimization (a search that hands steps to a gradient
+        mode): what Lightning does for the other runs, then the target's projection."""
+        loss = self._gradient_loss(batch)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()  # the non-finite check runs inside (on_before_optimizer_step)
+        with torch.no_grad():
+            self.target.project(self.variable)
 
     @torch.no_grad()
     def _keep_best(self, index: Tensor, losses: Tensor, images: Tensor, variable: Tensor | None = None) -> None:

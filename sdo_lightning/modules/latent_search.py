@@ -65,6 +65,7 @@ class SearchSteps:
         sentence (Lightning's manual optimization would refuse some with its own error, and a
         gradient scaler would fail at the first step, having scaled nothing)."""
         trainer = self.trainer
+        self.search.gradient_mode_at(0, trainer.max_steps)  # a search that splits the run checks max_steps
         problems = []
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             problems.append(f"precision {trainer.precision} (its gradient scaler)")

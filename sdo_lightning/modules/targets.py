@@ -24,6 +24,7 @@ from sdo_lightning import progress, registry
 from sdo_lightning.contracts import RunContext, Solver, Target
 from sdo_lightning.sampling import sample
 from sdo_lightning.sampling.inversion import invert
+from sdo_lightning.white_noise import project_to_white_noise
 
 
 class OptimizationTarget(abc.ABC):
@@ -109,7 +110,24 @@ class StartNoise(_Latent):
             optimization from drifting into images that only fool the objective.
         linf_radius: if set, optimize a perturbation of x_T bounded by this radius in the
             L-infinity norm (clamped after every step) instead of x_T itself.
+        white_noise: after every step, also give each latent the statistics of white noise: per
+            channel mean 0, variance 1 and equal power in every spatial-frequency ring
+            (:func:`~sdo_lightning.white_noise.project_to_white_noise`), then its norm shell if
+            ``project_to_shell``. Stops the noise from gathering power in the few frequencies an
+            objective likes, which the model never saw in training.
     """
+
+    def __init__(self, project_to_shell: bool = True, linf_radius: float | None = None, white_noise: bool = False) -> None:
+        super().__init__(project_to_shell, linf_radius)
+        if white_noise and linf_radius is not None:
+            raise ValueError("StartNoise: white_noise projects x_T itself, linf_radius optimizes a perturbation of it; "
+                             "set one of them.")
+        self.white_noise = white_noise
+
+    def project(self, variable: Tensor, rows: Tensor | None = None) -> None:
+        if self.white_noise:
+            variable.copy_(project_to_white_noise(variable))
+        super().project(variable, rows)
 
     @property
     def variable_is_noise(self) -> bool:  # type: ignore[override]
