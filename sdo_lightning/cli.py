@@ -32,6 +32,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdo_lightning import registry
+from sdo_lightning.atomic import WriteFailed
 from sdo_lightning.callbacks import InterruptCheckpoint
 from sdo_lightning.checkpoint_io import read_checkpoint
 
@@ -242,6 +243,21 @@ class SDOCLI(LightningCLI):
     errors, checkpoints every 25 steps and on Ctrl-C, and ``--ckpt_path last`` that finds the
     newest checkpoint of earlier runs (or says there is none) instead of silently starting over."""
 
+    def _parse_ckpt_path(self) -> None:
+        """Check an explicit ``--ckpt_path FILE`` with the project's reader, before anything is built.
+
+        LightningCLI's own version unpickles the file itself (a random-byte or empty file ends in a
+        traceback) and merges its ``hyper_parameters`` into the config, so a crafted checkpoint could
+        choose which classes are imported and built. Here a checkpoint never chooses classes or
+        settings: the config does; the file is only read (``weights_only``) to refuse a bad one in
+        one sentence now rather than after the model is built."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not str(ckpt_path).startswith("registry:"):
+            read_checkpoint(ckpt_path)
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         nulls = [k for part in ("model", "data") for k in null_arguments(config.get(part), part)]
@@ -364,7 +380,7 @@ def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
 #: MisconfigurationException covers trainer options (max_steps -5, devices 0, a missing GPU)
 CLEAN_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, FileNotFoundError, KeyError, FloatingPointError, ImportError, PermissionError, NotADirectoryError,
-    IsADirectoryError, FileExistsError, MisconfigurationException,
+    IsADirectoryError, FileExistsError, MisconfigurationException, WriteFailed,
 )
 
 

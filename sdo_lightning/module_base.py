@@ -383,8 +383,9 @@ class OptimizationModule(LightningModule):
         if self.global_rank == 0 and self.log_dir is not None and self.trainer.state.fn != "fit":
             import json
 
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            (self.log_dir / f"{prefix}_metrics.json").write_text(json.dumps(values, indent=2) + "\n")
+            from sdo_lightning import atomic
+
+            atomic.write_text(self.log_dir / f"{prefix}_metrics.json", json.dumps(values, indent=2) + "\n")
         return values
 
     def on_validation_epoch_end(self) -> None:

@@ -1,0 +1,312 @@
+"""Faults injected for real: damaged checkpoints and adapters, a process killed mid-write, a full
+filesystem, NaN weights and odd arguments. Each ends in one sentence naming the fix, or leaves
+every file a user keeps either whole or as it was."""
+
+import errno
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdo_lightning import atomic, lora
+from sdo_lightning.cli import clean_message, main
+
+from test_evaluation import evaluation_args, versions, write_config
+
+torch.set_num_threads(1)
+HERE = Path(__file__).parent
+
+
+def one_sentence(args, cwd=None):
+    """The one-line message ``sdo`` prints for ``args`` (it must be bad input, not a bug)."""
+    if cwd is not None:
+        os.chdir(cwd)
+    with pytest.raises(Exception) as info:
+        main(args)
+    message = clean_message(info.value)
+    assert message is not None, f"not reported as bad input: {info.value!r}"
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_digits_dir, tmp_path_factory):
+    """A finished 2-step LoRA fit: its folder, config, last checkpoint and exported adapter."""
+    root = tmp_path_factory.mktemp("reliability")
+    config = write_config(root / "config.yaml", tiny_digits_dir)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        main(["fit", "--config", str(config), *evaluation_args(tiny_digits_dir)])
+    finally:
+        os.chdir(cwd)
+    run = versions(root)[0]
+    return root, config, run / "checkpoints" / "last.ckpt", run / "lora"
+
+
+def damaged(path: Path, case: str, good: Path | None = None) -> Path:
+    """Write a damaged file of kind ``case`` at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif case == "truncated":
+        path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    elif case == "yaml":
+        path.write_text("model:\n  lr: 0.1\n")
+    elif case == "pickle":
+        path.write_bytes(pickle.dumps({"state_dict": {}, "payload": Path("x")}))
+    elif case == "symlink":  # a link to a file that is not an adapter
+        target = path.parent / "elsewhere.bin"
+        target.write_bytes(b"\x00" * 64)
+        path.unlink(missing_ok=True)
+        path.symlink_to(target)
+    return path
+
+
+# -- 4: --ckpt_path FILE is read by the project's reader, and never chooses classes --------------
+
+
+@pytest.mark.parametrize("case", ["empty", "random", "yaml", "pickle"])
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_an_explicit_bad_checkpoint_is_one_sentence(subcommand, case, tiny_digits_dir, tmp_path):
+    config = write_config(tmp_path / "config.yaml", tiny_digits_dir)
+    ckpt = damaged(tmp_path / f"{case}.ckpt", case)
+    message = one_sentence([subcommand, "--config", str(config), "--ckpt_path", str(ckpt),
+                            *evaluation_args(tiny_digits_dir)], tmp_path)
+    assert str(ckpt) in message and "give a checkpoint written by sdo fit" in message
+
+
+def test_a_checkpoints_hyper_parameters_choose_no_class(fitted, tiny_digits_dir, tmp_path, monkeypatch):
+    """A crafted ``hyper_parameters._class_path`` must not make the CLI import a module, nor its
+    other keys change the config: the checkpoint is read for its weights only."""
+    root, config, ckpt, _ = fitted
+    marker = tmp_path / "imported"
+    (tmp_path / "sdo_crafted_payload.py").write_text(
+        f"open({str(marker)!r}, 'w').write('imported')\nclass Evil:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["hyper_parameters"] = {"_class_path": "sdo_crafted_payload.Evil", "lr": 123.0}
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save(checkpoint, crafted)
+    monkeypatch.chdir(root)
+    cli = main(["validate", "--config", str(config), "--ckpt_path", str(crafted), *evaluation_args(tiny_digits_dir)])
+    assert not marker.exists() and "sdo_crafted_payload" not in sys.modules
+    assert type(cli.model).__name__ == "RewardFineTuning" and cli.model.lr == 0.05  # the config's, not 123
+
+
+# -- 5: atomic writes: a kill mid-write, a full disk ---------------------------------------------
+
+KILL_MID_WRITE = """
+import sys, time, types
+from pathlib import Path
+import numpy as np, torch
+import numpy
+import safetensors.torch
+
+what, out = sys.argv[1], Path(sys.argv[2])
+
+def stall(path_or_file, *args, **kwargs):  # write a little, then hang until killed
+    f = open(path_or_file, "wb") if isinstance(path_or_file, (str, Path)) else path_or_file
+    f.write(b"PK\\x03\\x04 half a file")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+
+if what == "predictions":
+    from sdo_lightning.callbacks import PredictionWriter
+    numpy.savez = stall
+    writer = PredictionWriter()
+    writer.outputs = [{"images": torch.zeros(2, 1, 4, 4), "seed": torch.tensor([1, 2])}]
+    trainer = types.SimpleNamespace(global_rank=0, world_size=1)
+    writer.on_predict_epoch_end(trainer, types.SimpleNamespace(log_dir=out))
+elif what == "adapter":
+    from sdo_lightning.backbones import DigitsBackbone
+    from sdo_lightning.objectives import ClassifierObjective
+    from sdo_lightning.reward_finetuning import RewardFineTuning
+    weights = Path(sys.argv[3])
+    module = RewardFineTuning(ClassifierObjective(target_class=7, path=str(weights / "classifier")),
+                              backbone=DigitsBackbone(str(weights)))
+    safetensors.torch.save_file = lambda tensors, filename, metadata=None: stall(filename)
+    module.export_adapter(out / "lora")
+"""
+
+
+def kill_mid_write(what: str, out: Path, *extra: str) -> None:
+    """Run the writer ``what`` in a subprocess, and SIGKILL it while it is writing."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_MID_WRITE, what, str(out), *extra], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == "writing", proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_kill_mid_write_leaves_the_previous_predictions(tmp_path):
+    previous = {"images": np.full((3, 1, 4, 4), 0.25, np.float32), "seed": np.arange(3)}
+    np.savez(tmp_path / "predictions.npz", **previous)
+    kill_mid_write("predictions", tmp_path)
+    with np.load(tmp_path / "predictions.npz") as saved:
+        np.testing.assert_array_equal(saved["images"], previous["images"])
+
+
+def test_a_kill_mid_export_leaves_the_previous_adapter(fitted, tiny_digits_dir, tmp_path):
+    _, _, _, adapter = fitted
+    shutil.copytree(adapter, tmp_path / "lora")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "lora").iterdir()}
+    kill_mid_write("adapter", tmp_path, str(tiny_digits_dir))
+    after = {p.name: p.read_bytes() for p in (tmp_path / "lora").iterdir()}
+    assert after == before
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (needs root and mount; skipped where either is missing)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path, leave: int = 4096) -> None:
+    """Fill ``disk`` but ``leave`` bytes."""
+    free = shutil.disk_usage(disk).free
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+    with pytest.raises(OSError) as info:  # really full now
+        (disk / "probe").write_bytes(b"\0" * (2 * leave + 8192))
+    assert info.value.errno == errno.ENOSPC
+    (disk / "probe").unlink(missing_ok=True)
+
+
+def test_a_full_disk_keeps_the_previous_predictions_and_says_so(small_disk):
+    import types
+
+    from sdo_lightning.callbacks import PredictionWriter
+
+    def predict(images):
+        writer = PredictionWriter()
+        writer.outputs = [{"images": images, "seed": torch.arange(len(images))}]
+        writer.on_predict_epoch_end(types.SimpleNamespace(global_rank=0, world_size=1),
+                                    types.SimpleNamespace(log_dir=small_disk))
+
+    predict(torch.full((2, 1, 4, 4), 0.5))
+    before = (small_disk / "predictions.npz").read_bytes()
+    fill(small_disk)
+    with pytest.raises(atomic.WriteFailed) as info:
+        predict(torch.rand(64, 1, 16, 16))  # 64 KiB of images
+    message = clean_message(info.value)
+    assert message is not None and "\n" not in message and "No space left" in message
+    assert (small_disk / "predictions.npz").read_bytes() == before
+    assert not list(small_disk.glob(".*.tmp"))  # nothing left behind
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_adapter(fitted, tiny_digits_dir, small_disk):
+    from sdo_lightning.backbones import DigitsBackbone
+    from sdo_lightning.checkpoint_io import SafeCheckpointIO, read_checkpoint
+    from sdo_lightning.objectives import ClassifierObjective
+    from sdo_lightning.reward_finetuning import RewardFineTuning
+
+    _, _, ckpt, adapter = fitted
+    io = SafeCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(4)}}, small_disk / "last.ckpt")
+    shutil.copytree(adapter, small_disk / "lora")
+    before = {p.name: p.read_bytes() for p in (small_disk / "lora").iterdir()}
+    fill(small_disk)
+    with pytest.raises(atomic.WriteFailed):
+        io.save_checkpoint({"state_dict": {"w": torch.ones(64 * 1024)}}, small_disk / "last.ckpt")
+    assert torch.equal(read_checkpoint(small_disk / "last.ckpt")["state_dict"]["w"], torch.ones(4))
+    module = RewardFineTuning(ClassifierObjective(target_class=7, path=str(tiny_digits_dir / "classifier")),
+                              backbone=DigitsBackbone(str(tiny_digits_dir)), lora_rank=64)  # 64: a larger file
+    with pytest.raises(atomic.WriteFailed) as info:
+        module.export_adapter(small_disk / "lora")
+    assert "No space left" in str(info.value) and clean_message(info.value) is not None
+    assert {p.name: p.read_bytes() for p in (small_disk / "lora").iterdir()} == before
+
+
+# -- 6 and 7: damaged or NaN adapters ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["empty", "random", "truncated", "symlink", "nan"])
+def test_a_damaged_adapter_is_one_sentence_for_predict_and_mix(case, fitted, tiny_digits_dir, tmp_path, capsys):
+    root, config, _, adapter = fitted
+    bad = tmp_path / "lora"
+    shutil.copytree(adapter, bad)
+    weights = bad / lora.WEIGHTS_NAME
+    if case == "nan":
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(weights))
+        state[sorted(state)[0]] = torch.full_like(state[sorted(state)[0]], float("nan"))
+        save_file(state, str(weights))
+    else:
+        damaged(weights, case, good=adapter / lora.WEIGHTS_NAME)
+    message = one_sentence(["predict", "--config", str(config), "--model.adapter", str(bad),
+                            *evaluation_args(tiny_digits_dir)], root)
+    assert str(weights) in message
+    assert ("NaN" in message) if case == "nan" else ("could not be read" in message)
+    message = one_sentence(["mix", "--adapters", str(bad), "--digits", str(tiny_digits_dir), "--steps", "2",
+                            "--out", str(tmp_path / "mix.png")])
+    assert str(weights) in message and not (tmp_path / "mix.png").exists()
+
+
+# -- 9: the peft layout loads with peft itself -----------------------------------------------------
+
+
+def test_the_exported_adapter_loads_with_peft_from_pretrained(fitted, tiny_digits_dir):
+    """``PeftModel.from_pretrained(unet, lora_dir)`` gives the adapted UNet's outputs (not the
+    base model's), compared with the adapter's deltas added to the base weights by hand."""
+    import warnings
+
+    from diffusers import UNet2DModel
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    _, _, _, adapter = fitted
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.tensor([500, 100, 900]), torch.tensor([7, 3, 10])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # peft warns about keys it could not load
+        peft_model = PeftModel.from_pretrained(UNet2DModel.from_pretrained(tiny_digits_dir / "unet"), adapter)
+    with torch.no_grad():
+        through_peft = peft_model.base_model.model(x, t, class_labels=labels).sample
+    # by hand: W + (alpha / r) * B A for every adapted layer, from the file's tensors
+    manual = UNet2DModel.from_pretrained(tiny_digits_dir / "unet")
+    base_out = manual(x, t, class_labels=labels).sample.detach()
+    config = json.loads((adapter / lora.CONFIG_NAME).read_text())
+    scale = config["lora_alpha"] / config["r"]
+    state = load_file(str(adapter / lora.WEIGHTS_NAME))
+    modules = dict(manual.named_modules())
+    with torch.no_grad():
+        for key in [k for k in state if k.endswith("lora_A.weight")]:
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            a, b = state[key], state[key.replace("lora_A", "lora_B")]
+            layer = modules[name]
+            if a.dim() == 4:  # conv: B (out, r, 1, 1) after A (r, in, k, k)
+                delta = torch.einsum("or,rikl->oikl", b[:, :, 0, 0], a)
+            else:
+                delta = b @ a
+            layer.weight += scale * delta
+        by_hand = manual(x, t, class_labels=labels).sample
+    assert (through_peft - base_out).abs().max() > 1e-4  # the adapter changes the outputs
+    torch.testing.assert_close(through_peft, by_hand, atol=1e-5, rtol=1e-4)
