@@ -22,6 +22,17 @@ class NonFiniteError(FloatingPointError):
     """A loss or gradient was NaN or infinite and the module was told to stop (``on_nonfinite: stop``)."""
 
 
+def check_finite_images(images: Tensor, batch: dict[str, Any]) -> None:
+    """Refuse images holding NaN or infinite pixels (weights of a diverged fit), naming a row."""
+    bad = (~torch.isfinite(images.flatten(1))).any(1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        seed = f" (seed {int(batch['seed'][row])})" if "seed" in batch else ""
+        raise ValueError(f"{int(bad.sum())} of {len(images)} generated images hold NaN or infinite pixels, e.g. row "
+                         f"{row}{seed}: the adapter or checkpoint holds weights of a diverged fit; use an earlier "
+                         "checkpoint, or fit again with a lower lr.")
+
+
 def check_solver_fits_backbone(solver: Solver, backbone: Backbone) -> None:
     """Refuse a flow solver on a diffusion model and the other way round; warn when an LCM solver
     meets a model that is not LCM-distilled, or the other way round."""
@@ -402,6 +413,7 @@ class OptimizationModule(LightningModule):
         :class:`~sdo_lightning.callbacks.PredictionWriter`."""
         with progress.global_rng_unchanged():
             out: dict[str, Any] = {"images": self.generate_for_eval(batch).detach().float().cpu()}
+            check_finite_images(out["images"], batch)
             if self.evaluation is None or self.evaluation.predict_base:
                 reference = self.reference_images(batch)
                 if reference is not None:

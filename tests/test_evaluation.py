@@ -196,7 +196,7 @@ def test_validation_during_fit_leaves_the_training_unchanged(tiny_digits_dir, tm
                           val_check_interval=1, num_sanity_val_steps=0)
         trainer.fit(module, datamodule=SampleSet(num_samples=2, eval_samples=eval_samples))
         adapters.append([p.detach().clone() for p in module.lora_params])
-        assert ("val/fid" in trainer.callback_metrics) == bool(eval_samples)
+        assert ("val/reward" in trainer.callback_metrics) == bool(eval_samples)
     assert all(torch.equal(a, b) for a, b in zip(*adapters))
 
 

@@ -310,3 +310,156 @@ def test_the_exported_adapter_loads_with_peft_from_pretrained(fitted, tiny_digit
         by_hand = manual(x, t, class_labels=labels).sample
     assert (through_peft - base_out).abs().max() > 1e-4  # the adapter changes the outputs
     torch.testing.assert_close(through_peft, by_hand, atol=1e-5, rtol=1e-4)
+
+
+# -- 7: nothing silently wrong -------------------------------------------------------------------
+
+
+def test_predict_refuses_nan_images_from_a_checkpoint(fitted, tiny_digits_dir, tmp_path):
+    root, config, ckpt, _ = fitted
+    checkpoint = torch.load(ckpt, weights_only=True)
+    key = next(k for k in checkpoint["state_dict"] if "lora_A" in k)
+    checkpoint["state_dict"][key] = torch.full_like(checkpoint["state_dict"][key], float("nan"))
+    nan = tmp_path / "nan.ckpt"
+    torch.save(checkpoint, nan)
+    message = one_sentence(["predict", "--config", str(config), "--ckpt_path", str(nan),
+                            *evaluation_args(tiny_digits_dir)], root)
+    assert "NaN" in message and "seed 1000" in message
+
+
+@pytest.mark.parametrize("option", [["--scales", "0", "nan"], ["--scales", "inf"], ["--weights", "nan"]])
+def test_mix_refuses_non_finite_scales(option, fitted, tiny_digits_dir, tmp_path):
+    _, _, _, adapter = fitted
+    message = one_sentence(["mix", "--adapters", str(adapter), "--digits", str(tiny_digits_dir), *option,
+                            "--out", str(tmp_path / "mix.png")])
+    assert "finite" in message and option[0] in message and not (tmp_path / "mix.png").exists()
+
+
+def test_an_adapter_and_a_checkpoint_together_say_which_wins(fitted, tiny_digits_dir, tmp_path, caplog):
+    root, config, ckpt, adapter = fitted
+    ev = evaluation_args(tiny_digits_dir)
+    message = one_sentence(["predict", "--config", str(config), "--model.adapter", str(adapter), "--ckpt_path",
+                            str(ckpt), *ev], root)
+    assert "--model.adapter null" in message and "drop --ckpt_path" in message
+    # a checkpoint of a fit that started from this adapter: the checkpoint's weights, said in one line
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["sdo_run"]["config"]["model.init_args.adapter"] = str(adapter)
+    continued = tmp_path / "continued.ckpt"
+    torch.save(checkpoint, continued)
+    main(["predict", "--config", str(config), "--model.adapter", str(adapter), "--ckpt_path", str(continued), *ev,
+          "--data.eval_samples", "2"])
+    assert "using the checkpoint's adapter weights" in caplog.text
+
+
+def test_the_model_card_keeps_the_base_model_signature_whatever_the_path(tmp_path):
+    for base in ("DigitsBackbone(/data/a---b)", "DigitsBackbone(/data/a\n---\nb)", "x\n---\n\n---"):
+        card = tmp_path / str(len(list(tmp_path.iterdir())))
+        lora.write_model_card(card, {"base_model": base, "base_model_signature": "0123abcd"})
+        front = lora.read_model_card(card)
+        assert front["base_model"] == base and front["base_model_signature"] == "0123abcd"
+
+
+def test_fid_and_kid_are_not_reported_for_too_few_rows(fitted, tiny_digits_dir, tmp_path, monkeypatch):
+    root, config, _, _ = fitted
+    monkeypatch.chdir(root)
+    with pytest.warns(UserWarning, match="--data.eval_samples 4 or more"):
+        main(["validate", "--config", str(config), "--ckpt_path", "last", *evaluation_args(tiny_digits_dir),
+              "--data.eval_samples", "2"])
+    metrics = json.loads((versions(root)[-1] / "val_metrics.json").read_text())
+    assert "reward" in metrics and not {"fid", "kid", "pixel_fid"} & set(metrics)
+
+
+# -- 8 and 11: odd arguments, one sentence each ----------------------------------------------------
+
+
+@pytest.mark.parametrize("option,expected", [
+    (["--num-samples", "0"], "--num-samples 0"), (["--out", "."], "directory"), (["--out", "m.txt"], "m.txt': .txt is not an image file type"),
+    (["--steps", "0"], "--steps 0")])
+def test_mix_edges_are_one_sentence(option, expected, fitted, tiny_digits_dir, tmp_path, monkeypatch):
+    _, _, _, adapter = fitted
+    monkeypatch.chdir(tmp_path)
+    message = one_sentence(["mix", "--adapters", str(adapter), "--digits", str(tiny_digits_dir), *option])
+    assert expected in message and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option", ["--data.eval_samples", "--data.num_samples"])
+def test_huge_sample_counts_are_bounded(option, tiny_digits_dir, tmp_path):
+    config = write_config(tmp_path / "config.yaml", tiny_digits_dir)
+    message = one_sentence(["fit", "--config", str(config), option, str(10**12)], tmp_path)
+    assert option.split(".")[-1] in message and "at most 1,000,000" in message
+
+
+def error_line(argv, capsys, monkeypatch):
+    from sdo_lightning.cli import console_main
+
+    monkeypatch.setattr(sys, "argv", ["sdo", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        console_main()
+    assert exit_info.value.code not in (0, None)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("latin1", "is not UTF-8 text"), ("empty", "is empty"), ("comments", "is empty"),
+    ("duplicate", "'model.init_args.lr' is given twice"), ("list", "not a mapping")])
+def test_bad_config_files_are_one_sentence_naming_the_file(case, expected, tiny_digits_dir, tmp_path, capsys,
+                                                            monkeypatch):
+    good = write_config(tmp_path / "good.yaml", tiny_digits_dir).read_text()
+    bad = tmp_path / f"{case}.yaml"
+    if case == "latin1":
+        bad.write_bytes(good.replace("seed_everything: 0", "# caf\u00e9\nseed_everything: 0").encode("latin-1"))
+    elif case == "empty":
+        bad.write_text("")
+    elif case == "comments":
+        bad.write_text("# nothing yet\n")
+    elif case == "duplicate":
+        bad.write_text(good.replace("lr: 0.05", "lr: 0.05\n    lr: 0.5"))
+    elif case == "list":
+        bad.write_text("- model\n- data\n")
+    monkeypatch.chdir(tmp_path)
+    line = error_line(["fit", "--config", str(bad)], capsys, monkeypatch)
+    assert expected in line and str(bad) in line
+
+
+@pytest.mark.parametrize("option,expected", [
+    (["--seed_everything", "abc"], "expected an integer seed from 0 to 4294967295"),
+    (["--seed_everything", str(2**70)], "out of range: give a seed from 0 to 4294967295"),
+    (["--model.solver", "DDIM", "--model.target", "x_q"], None),
+    (["--trainer.callbacks", "os.path.join"], "is not a Lightning Callback class; give its full class path"),
+    (["--model.optimizer", "os.path.join"], "is not an optimizer class; give its full class path"),
+])
+def test_odd_options_are_one_sentence_naming_the_fix(option, expected, tiny_digits_dir, tmp_path, capsys, monkeypatch):
+    config = write_config(tmp_path / "config.yaml", tiny_digits_dir)
+    if option[-1] == "x_q":  # target is LatentOptimization's
+        config = HERE.parent / "configs" / "quickstart.yaml"
+        expected = "'x_q' is not a known optimization target; known: ConditionEmbedding, IntermediateLatent, StartNoise"
+        monkeypatch.setattr("sdo_lightning.digits.WEIGHTS_DIR", tiny_digits_dir)
+    monkeypatch.chdir(tmp_path)
+    line = error_line(["fit", "--config", str(config), *option], capsys, monkeypatch)
+    assert expected in line
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["fit", "--help"], ["predict", "-h"]])
+def test_help_imports_no_plugin(argv, tmp_path, monkeypatch, capsys):
+    from importlib import metadata
+
+    from sdo_lightning import registry
+
+    marker = tmp_path / "imported"
+    (tmp_path / "sdo_help_plugin.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "sdo_help_plugin", raising=False)
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group=None: [
+        metadata.EntryPoint("Slow", "sdo_help_plugin:Slow", group)] if group == "sdo_lightning.objectives" else [])
+    monkeypatch.setattr(registry, "_LOADED", False)
+    monkeypatch.delenv(registry.DISABLE_ENV, raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0 and "usage:" in capsys.readouterr().out
+    assert not marker.exists()
+    with pytest.warns(UserWarning, match="sdo_help_plugin"):  # the same fake plugin loads for a real command
+        registry.load_plugins()
+    assert marker.exists()
+    sys.modules.pop("sdo_help_plugin", None)
