@@ -463,3 +463,40 @@ def test_help_imports_no_plugin(argv, tmp_path, monkeypatch, capsys):
         registry.load_plugins()
     assert marker.exists()
     sys.modules.pop("sdo_help_plugin", None)
+
+
+# -- 10: a resumed Picard run starts warm where the interrupted one would have ------------------
+
+
+def test_a_resumed_picard_run_equals_the_uninterrupted_one(tiny_digits_dir, tmp_path):
+    """Picard at its default tolerance (0.1) reaches latents within the tolerance of sequential
+    sampling, and which ones depends on the warm start: the checkpoint holds the trajectories, so
+    a run resumed at step 2 ends where the uninterrupted 4-step run ends."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from sdo_lightning.backbones import DigitsBackbone
+    from sdo_lightning.data import SampleSet
+    from sdo_lightning.latent_optimization import LatentOptimization
+    from sdo_lightning.objectives import ClassifierObjective
+    from sdo_lightning.picard import Picard
+    from sdo_lightning.solvers import DDIM
+
+    def run(steps, ckpt_path=None, callbacks=()):
+        module = LatentOptimization(objective=ClassifierObjective(str(tiny_digits_dir / "classifier"), 3),
+                                    backbone=DigitsBackbone(tiny_digits_dir), solver=Picard(DDIM(8), window=4),
+                                    lr=0.3, seed=1)
+        trainer = Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          default_root_dir=tmp_path, accelerator="cpu", callbacks=list(callbacks),
+                          enable_checkpointing=bool(callbacks))
+        trainer.fit(module, datamodule=SampleSet(num_samples=3, class_label=[1, 2, 5]), ckpt_path=ckpt_path)
+        return module
+
+    straight = run(4)
+    run(2, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="step2", every_n_train_steps=2)])
+    saved = torch.load(tmp_path / "ckpt" / "step2.ckpt", weights_only=True)
+    assert len(saved["picard_trajectories"]["outputs"]) == 3  # one per sample
+    resumed = run(4, ckpt_path=tmp_path / "ckpt" / "step2.ckpt")
+    assert resumed.solver.last.warm == 3
+    torch.testing.assert_close(resumed.variable, straight.variable, rtol=0, atol=1e-6)
+    torch.testing.assert_close(resumed.best_images, straight.best_images, rtol=0, atol=1e-6)
