@@ -530,7 +530,7 @@ def clean_message(err: BaseException) -> str | None:
     chain = _chain(err)
     full = next((e for e in chain if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None)
     if full is not None and not any(isinstance(e, WriteFailed) for e in chain):  # a library's own write
-        where = f" {full.filename}" if full.filename else ""
+        where = f" {full.filename}" if full.filename else " a file of the run"
         return (f"WriteFailed: could not write{where} ({full.strerror}); free space on that filesystem or write "
                 "elsewhere (e.g. --trainer.default_root_dir DIR), then run again.")
     ours = [e for e in chain if isinstance(e, CLEAN_ERRORS) and _raised_here(e)]

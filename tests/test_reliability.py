@@ -244,6 +244,19 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_adapter(fitted, tiny_digi
     assert {p.name: p.read_bytes() for p in (small_disk / "lora").iterdir()} == before
 
 
+def test_a_full_disk_under_sdo_predict_ends_in_one_sentence(tiny_digits_dir, small_disk, tmp_path):
+    """The run's folder on a full filesystem: whichever writer meets it first (here TensorBoard's,
+    a library's) the command ends in one sentence, exit status 1."""
+    config = write_config(tmp_path / "config.yaml", tiny_digits_dir)
+    fill(small_disk, leave=2048)
+    done = subprocess.run([sys.executable, "-m", "sdo_lightning.cli", "predict", "--config", str(config),
+                           *evaluation_args(tiny_digits_dir), "--data.eval_samples", "2"],
+                          cwd=small_disk, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr[-3000:]
+    assert "No space left on device" in errors[0] and "free space" in errors[0]
+
+
 # -- 6 and 7: damaged or NaN adapters ------------------------------------------------------------
 
 
