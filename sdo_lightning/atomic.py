@@ -41,14 +41,16 @@ def _failed(target: Path, err: OSError) -> WriteFailed:
 
 def _write_failure(target: Path, err: BaseException, free: int | None) -> WriteFailed | None:
     """``err`` as :class:`WriteFailed` when it is a failed write: an ``OSError``, or a library's
-    own error for one (safetensors says "os error 28"; torch's zip writer only "iostream error",
-    so a filesystem left with no space (``free`` bytes, measured before cleaning up) counts too)."""
+    own error for one (safetensors says "os error 28"; torch's zip writer to a path only raises a
+    RuntimeError "iostream error", so one on a filesystem left with no space (``free`` bytes,
+    measured before cleaning up) counts too)."""
     if isinstance(err, WriteFailed):
         return err
     if isinstance(err, OSError):
         return _failed(target, err)
     text = str(err)
-    if "No space left on device" in text or "os error 28" in text or (free is not None and free < _NEARLY_FULL):
+    nearly_full = isinstance(err, RuntimeError) and free is not None and free < _NEARLY_FULL
+    if "No space left on device" in text or "os error 28" in text or nearly_full:
         return _failed(target, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     return None
 
