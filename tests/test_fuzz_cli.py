@@ -152,22 +152,29 @@ def _check_clean(exc_or_exit, capsys, argv):
     message = clean_message(exc_or_exit)
     assert message is not None, f"{type(exc_or_exit).__name__} is not a clean error for {argv}: {exc_or_exit}"
     assert "\n" not in message, message
+    # a sentence, not a bare library key ("KeyError: .txt")
+    assert len(message.split(": ", 1)[-1].split()) >= 4, (argv, message)
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
 def test_evaluation_commands_end_cleanly(subcommand, fitted_run, tiny_digits_dir, tmp_path, monkeypatch, capsys):
     from test_evaluation import evaluation_args
 
-    root, config, *_ = fitted_run
+    root, config, ckpt, adapter, damaged = fitted_run
     monkeypatch.chdir(root)
+    files = [None, str(ckpt), str(adapter), str(damaged / "random.ckpt"), str(damaged / "empty.ckpt"),
+             str(damaged / "lora"), str(root / "missing"), str(root)]
 
-    @settings(max_examples=8, deadline=None, derandomize=True, database=None,
+    # a checkpoint and an adapter drawn from good, damaged and wrong files, and up to 2 other options
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(args=st.lists(st.tuples(st.sampled_from(EVAL_KEYS), _eval_values(fitted_run, tiny_digits_dir)),
-                         min_size=1, max_size=3))
-    def check(args):
+    @given(ckpt_path=st.sampled_from(files + ["last"]), adapter=st.sampled_from(files),
+           args=st.lists(st.tuples(st.sampled_from(EVAL_KEYS), _eval_values(fitted_run, tiny_digits_dir)),
+                         max_size=2))
+    def check(ckpt_path, adapter, args):
+        chosen = [*(["--ckpt_path", ckpt_path] if ckpt_path else []), *(["--model.adapter", adapter] if adapter else [])]
         argv = [subcommand, "--config", str(config), *evaluation_args(tiny_digits_dir), "--data.eval_samples", "2",
-                *[x for pair in args for x in pair]]
+                *chosen, *[x for pair in args for x in pair]]
         try:
             main(argv)
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - the point is to classify every exception
@@ -185,9 +192,19 @@ def test_mix_ends_cleanly(fitted_run, tiny_digits_dir, tmp_path, monkeypatch, ca
                                         "-1", "0", "1e9", "abc", ""]),
                        st.integers(-2, 4).map(str), st.floats(-3, 3).map(lambda f: f"{f:.2f}"))
 
+    # each option with values of its own kind (odd ones included), or any value
+    own = {"--scales": st.sampled_from(["nan", "inf", "-1", "0", "1e9", "0.5"]),
+           "--weights": st.sampled_from(["nan", "1", "-inf", "0"]),
+           "--num-samples": st.sampled_from(["0", "-1", "1", str(10**12)]),
+           "--steps": st.sampled_from(["0", "-3", "1", "2"]),
+           "--out": st.sampled_from([".", "m.txt", "noext", "out.png", "sub/out.png", str(tmp_path)]),
+           "--adapters": st.sampled_from([str(adapter), str(damaged / "lora"), str(damaged / "random.ckpt"),
+                                          str(tmp_path / "missing")])}
+    pair = st.sampled_from(MIX_KEYS).flatmap(lambda key: st.tuples(st.just(key), st.one_of(own.get(key, values), values)))
+
     @settings(max_examples=25, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(args=st.lists(st.tuples(st.sampled_from(MIX_KEYS), values), max_size=3))
+    @given(args=st.lists(pair, max_size=3))
     def check(args):
         argv = ["mix", "--adapters", str(adapter), "--digits", str(tiny_digits_dir), "--steps", "2",
                 "--num-samples", "2", *[x for pair in args for x in pair]]
