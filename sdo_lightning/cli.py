@@ -15,6 +15,7 @@ accepted (``SDO_VERBOSE_ERRORS=1`` shows the parser's full message, or the trace
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import re
@@ -33,6 +34,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_info
 
 from sdo_lightning import registry
+from sdo_lightning.atomic import WriteFailed
 from sdo_lightning.training.callbacks import InterruptCheckpoint
 from sdo_lightning.training.checkpoint_io import read_checkpoint
 
@@ -109,6 +111,13 @@ _KINDS: dict[str, tuple[str, str]] = {
     "solver": ("solver", "solvers"),
     "gradient_mode": ("gradient mode", "gradient_modes"),
     "backbone": ("backbone", "backbones"),
+    "target": ("optimization target", "targets"),
+}
+#: parameters that take a class of another library, and an example of one (for a value that is none)
+_LIBRARY_CLASSES: dict[str, tuple[str, str]] = {
+    "callbacks": ("a Lightning Callback class", "{class_path: lightning.pytorch.callbacks.EarlyStopping, "
+                  "init_args: {monitor: train/loss}}"),
+    "optimizer": ("an optimizer class", "{class_path: torch.optim.AdamW, init_args: {lr: 0.001}}"),
 }
 #: the top-level keys, matched whole (``model`` is also an argument of every backbone)
 _TOP_KINDS: dict[str, tuple[str, str]] = {"model": ("module", "modules"), "data": ("data module", "data")}
@@ -155,6 +164,12 @@ def short_error(message: str) -> str:
         what, names = known
         return (f"{key}: {name!r} is not a known {what}; known: {', '.join(names)} "
                 "(or give a full class path, e.g. my_package.MyClass).")
+    library = _LIBRARY_CLASSES.get(re.sub(r"\[\d+\]$", "", key.rsplit(".", 1)[-1])) if key else None
+    if unknown and library is not None:
+        name = next(g for g in unknown.groups() if g)
+        return f"{key}: {name!r} is not {library[0]}; give its full class path, e.g. {library[1]}."
+    if key.rsplit(".", 1)[-1] == "seed_everything":
+        return f"{key}: expected an integer seed from 0 to {SEED_MAX} (or true for a random one, false for none)."
     choices = f"a class name ({', '.join(known[1])})" if known else "a class name"
     not_subclass = re.search(r"Not a valid subclass of (\w+)(?:\. Got value: (.*))?", leaf)
     if not_subclass:
@@ -179,8 +194,70 @@ def short_error(message: str) -> str:
     return f"{key + ': ' if key else ''}{leaf}"
 
 
+#: the largest seed Lightning's seed_everything takes (numpy's generators take 32 bits)
+SEED_MAX = 2**32 - 1
+
+
+def config_file_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with the YAML config file at ``path`` that the parser would report without
+    naming the file, or silently: not UTF-8, empty, a key given twice in one mapping (YAML lets
+    the last one win), not a mapping. None when nothing is (or it is not a local file)."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        return None
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return (f"config {path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at position {err.start}); save it "
+                "as UTF-8.")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None  # the parser says where the syntax is wrong
+    if node is None:
+        return f"config {path} is empty; give a YAML mapping of options (model:, data:, trainer:), or drop --config."
+    if not isinstance(node, yaml.MappingNode):
+        return f"config {path} is not a mapping of options; write it as model: ..., data: ..., trainer: ...."
+    twice = _duplicate_key(node)
+    if twice is not None:
+        key, first, second = twice
+        return (f"config {path}: {key!r} is given twice in the same mapping (lines {first} and {second}), and only "
+                "one can count; keep one of them.")
+    return None
+
+
+def _duplicate_key(node: Any) -> tuple[str, int, int] | None:
+    """The first key given twice in one mapping of a composed YAML node: (dotted key, lines)."""
+    import yaml
+
+    todo: list[tuple[Any, str]] = [(node, "")]
+    while todo:
+        current, prefix = todo.pop(0)
+        if isinstance(current, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key_node, value in current.value:
+                key = str(key_node.value)
+                line = key_node.start_mark.line + 1
+                if key in seen and key != "<<":
+                    return f"{prefix}{key}", seen[key], line
+                seen[key] = line
+                todo.append((value, f"{prefix}{key}."))
+        elif isinstance(current, yaml.SequenceNode):
+            todo += [(item, f"{prefix.rstrip('.')}[{i}].") for i, item in enumerate(current.value)]
+    return None
+
+
 class SDOArgumentParser(LightningArgumentParser):
     """LightningCLI's parser with one-line error messages."""
+
+    def parse_path(self, path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        problem = config_file_problem(str(path))
+        if problem is not None:
+            self.error(problem)
+        return super().parse_path(path, *args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         # nested parsers (exit_on_error False) raise for the outer one to collect: leave theirs whole
@@ -243,6 +320,29 @@ class SDOCLI(LightningCLI):
     errors, checkpoints every 25 steps and on Ctrl-C, and ``--ckpt_path last`` that finds the
     newest checkpoint of earlier runs (or says there is none) instead of silently starting over."""
 
+    def _parse_ckpt_path(self) -> None:
+        """Check an explicit ``--ckpt_path FILE`` with the project's reader, before anything is built.
+
+        LightningCLI's own version unpickles the file itself (a random-byte or empty file ends in a
+        traceback) and merges its ``hyper_parameters`` into the config, so a crafted checkpoint could
+        choose which classes are imported and built. Here a checkpoint never chooses classes or
+        settings: the config does; the file is only read (``weights_only``) to refuse a bad one in
+        one sentence now rather than after the model is built."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not str(ckpt_path).startswith("registry:"):
+            self._checkpoint_run = read_checkpoint(ckpt_path).get("sdo_run")
+
+    def _set_seed(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        seed = config.get("seed_everything")
+        if not isinstance(seed, bool) and isinstance(seed, int) and not 0 <= seed <= SEED_MAX:
+            self.parser.error(f"seed_everything {seed} is out of range: give a seed from 0 to {SEED_MAX} (or true for "
+                              "a random one).")
+        super()._set_seed()
+
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         nulls = [k for part in ("model", "data") for k in null_arguments(config.get(part), part)]
@@ -291,6 +391,8 @@ class SDOCLI(LightningCLI):
             self.model.run_config = {**_flat(raw.get("model"), "model"), **_flat(raw.get("data"), "data")}
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last":
+            if config.get("ckpt_path"):
+                self._check_adapter_and_checkpoint(config["ckpt_path"], getattr(self, "_checkpoint_run", None), evaluation)
             return
         roots = self._checkpoint_roots()
         found = sorted({p for root in roots if root.is_dir() for p in root.rglob("*.ckpt") if p.is_file()},
@@ -308,6 +410,7 @@ class SDOCLI(LightningCLI):
                 verb = "Reading" if evaluation else "Resuming from"
                 rank_zero_info(f"{verb} {path}" + (f" (skipped {len(skipped)} newer: {skipped[0]})" if skipped else ""))
                 config["ckpt_path"] = str(path)
+                self._check_adapter_and_checkpoint(path, saved, evaluation)
                 return
             skipped.append(f"{path} is from another run ({diff})")
         where = ", ".join(map(str, roots))
@@ -316,6 +419,25 @@ class SDOCLI(LightningCLI):
                                     "or drop it to start a new run.")
         raise FileNotFoundError(f"--ckpt_path last: none of the {len(found)} checkpoints under {where} is of this run "
                                 f"and readable (newest: {skipped[0]}); give --ckpt_path PATH, or drop it to start a new run.")
+
+    def _check_adapter_and_checkpoint(self, path: Any, saved: dict[str, Any] | None, evaluation: bool) -> None:
+        """``--model.adapter A`` with ``--ckpt_path B``: the checkpoint's adapter weights are loaded
+        after A's and replace them. Said in one line when B's run started from A (resuming it, or
+        evaluating where it got to); refused for an evaluation otherwise, since A would be ignored."""
+        adapter = getattr(self.model, "adapter", None)
+        if adapter is None:
+            return
+        started_from = ((saved or {}).get("config") or {}).get("model.init_args.adapter")
+        if started_from is not None and str(Path(started_from)) == str(Path(adapter)):
+            rank_zero_info(f"--ckpt_path {path} continues a fit that started from --model.adapter {adapter}: "
+                           "using the checkpoint's adapter weights.")
+            return
+        if evaluation:
+            raise ValueError(f"--model.adapter {adapter} and --ckpt_path {path} both give the adapter weights, and the "
+                             "checkpoint's would replace the adapter's: drop --ckpt_path to use the adapter, or give "
+                             "--model.adapter null to use the checkpoint.")
+        rank_zero_info(f"--ckpt_path {path}: resuming with the checkpoint's adapter weights, which replace those of "
+                       f"--model.adapter {adapter}.")
 
     def _checkpoint_roots(self) -> list[Path]:
         """Where ``last`` looks: the checkpoint callbacks' folders and the logger's run folders;
@@ -327,6 +449,13 @@ class SDOCLI(LightningCLI):
         # no logger: the run folders under the root directory (this run's is one of them)
         roots.append(Path(root) if root else Path(self.trainer.default_root_dir).parent)
         return roots
+
+
+def _plain_help(argv: list[str]) -> bool:
+    """``sdo --help`` or ``sdo SUBCOMMAND --help``: help that lists no objective, solver,
+    gradient mode or backbone, so third-party plugins need not be imported for it."""
+    return (len(argv) == 1 and argv[0] in ("-h", "--help")) or (
+        len(argv) == 2 and argv[0] in ("fit", "validate", "test", "predict") and argv[1] in ("-h", "--help"))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
@@ -345,7 +474,10 @@ def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
 
         mix(argv[1:])
         return None
-    registry.load_plugins()
+    if _plain_help(argv):  # the subcommands' and the modules' options: no plugin shows there
+        registry._import_builtins()
+    else:
+        registry.load_plugins()
     for kind in registry.OTHER_KINDS:  # importing registers modules, data modules, targets by class name
         registry.classes(kind)
     with warnings.catch_warnings():
@@ -370,7 +502,7 @@ def main(args: list[str] | None = None, run: bool = True) -> SDOCLI | None:
 #: MisconfigurationException covers trainer options (max_steps -5, devices 0, a missing GPU)
 CLEAN_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, FileNotFoundError, KeyError, FloatingPointError, ImportError, PermissionError, NotADirectoryError,
-    IsADirectoryError, FileExistsError, MisconfigurationException, ConnectionError,
+    IsADirectoryError, FileExistsError, MisconfigurationException, ConnectionError, WriteFailed,
 )
 
 
@@ -402,6 +534,11 @@ def clean_message(err: BaseException) -> str | None:
     Without one, it is the innermost error of the chain, if that is a bad-input error.
     """
     chain = _chain(err)
+    full = next((e for e in chain if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None)
+    if full is not None and not any(isinstance(e, WriteFailed) for e in chain):  # a library's own write
+        where = f" {full.filename}" if full.filename else " a file of the run"
+        return (f"WriteFailed: could not write{where} ({full.strerror}); free space on that filesystem or write "
+                "elsewhere (e.g. --trainer.default_root_dir DIR), then run again.")
     ours = [e for e in chain if isinstance(e, CLEAN_ERRORS) and _raised_here(e)]
     err = ours[0] if ours else chain[-1]
     if not isinstance(err, CLEAN_ERRORS):

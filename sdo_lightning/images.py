@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdo_lightning import atomic
+
 
 def make_grid(images: Tensor, nrow: int = 8, pad: int = 2, scale: int = 1) -> Tensor:
     """Tile ``(B, C, H, W)`` images in [0, 1] into one ``(C, H', W')`` image, white padding."""
@@ -29,6 +31,7 @@ def save_labelled_rows(rows: list[tuple[str, Tensor]], path: str | Path, nrow: i
     """Write a PNG with one labelled grid per ``(label, images)`` entry, top to bottom."""
     from PIL import Image, ImageDraw
 
+    kind = image_format(path)
     h = rows[0][1].shape[-1]
     scale = max(1, 64 // h)  # small images (digits) are enlarged so a person can see them
     grids = [(label, make_grid(images, nrow, scale=scale)) for label, images in rows]
@@ -46,8 +49,21 @@ def save_labelled_rows(rows: list[tuple[str, Tensor]], path: str | Path, nrow: i
         canvas.paste(Image.fromarray(array), (0, y))
         y += grid.shape[1]
     path = Path(path)
-    canvas.save(path)
+    with atomic.replacing(path) as tmp:
+        canvas.save(tmp, format=kind)
     return path
+
+
+def image_format(path: str | Path) -> str:
+    """The PIL format a file name asks for (``.png`` -> PNG), or a ValueError naming the fix."""
+    from PIL import Image
+
+    suffix = Path(path).suffix.lower()
+    found = Image.registered_extensions().get(suffix)
+    if found is None or found not in Image.SAVE:
+        raise ValueError(f"cannot write an image to {str(path)!r}: {suffix or 'no extension'} is not an image file type; "
+                         "give a file name ending in .png (or .jpg, .webp).")
+    return found
 
 
 def save_before_after(before: Tensor, after: Tensor, path: str | Path, nrow: int = 8) -> Path:

@@ -1,9 +1,11 @@
 """LoRA adapters on a denoiser through peft: add, save, load, scale and combine.
 
 Adapters are injected with ``peft.inject_adapter_in_model`` (no ``PeftModel`` wrapper, so the
-denoiser keeps its own class and state-dict keys). Saved adapters use peft's file layout:
-``adapter_config.json`` + ``adapter_model.safetensors`` with keys as ``get_peft_model_state_dict``
-returns them (no ``base_model.model.`` prefix, since nothing is wrapped).
+denoiser keeps its own class and state-dict keys). Saved adapters use peft's file layout, as
+``PeftModel.save_pretrained`` writes it: ``adapter_config.json`` + ``adapter_model.safetensors``
+with keys as a ``PeftModel`` has them (``base_model.model.`` + the network's key), so
+``PeftModel.from_pretrained(network, directory)`` loads them. Files of earlier releases, without
+the prefix, still load here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from torch import nn
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: what ``PeftModel`` puts before the wrapped network's keys (its ``base_model`` is a LoraModel
+#: whose ``model`` is the network)
+PEFT_PREFIX = "base_model.model."
 
 
 def add_lora(network: nn.Module, rank: int, alpha: float, target_modules: list[str], name: str = "default") -> list[nn.Parameter]:
@@ -64,22 +69,58 @@ def save_adapter(network: nn.Module, directory: str | Path, name: str = "default
     directory.mkdir(parents=True, exist_ok=True)
     config = network._sdo_lora_config
     (directory / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, default=list) + "\n")
-    save_file(lora_state_dict(network, name), str(directory / WEIGHTS_NAME))
+    # PeftModel's key names, so that PeftModel.from_pretrained(network, directory) loads them
+    state = {PEFT_PREFIX + k: v for k, v in lora_state_dict(network, name).items()}
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     return directory
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` adapter file, with peft's ``base_model.model.`` prefix
+    removed; a file that is not one (random bytes, truncated, empty, a link to something else)
+    or holds NaN or infinite weights ends in one sentence (ValueError)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # SafetensorError, OSError: truncated, random bytes, a directory behind a link
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise ValueError(f"adapter weights {str(path)!r} could not be read ({reason}): the file is damaged or not a "
+                         "safetensors file; export the adapter again (or use the run's checkpoint).") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"adapter weights {str(path)!r} hold NaN or infinite values ({bad}): the fit that wrote them "
+                         "diverged; use an adapter exported before it did, or fit again with a lower lr.")
+    if state and all(k.startswith(PEFT_PREFIX) for k in state):
+        state = {k[len(PEFT_PREFIX):]: v for k, v in state.items()}
+    return state
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The ``LoraConfig`` of an ``adapter_config.json``; a damaged one ends in one sentence."""
+    from peft import LoraConfig
+
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+        return LoraConfig(**{k: v for k, v in saved.items() if k in LoraConfig.__dataclass_fields__})
+    except Exception as err:  # not JSON, not UTF-8, not a mapping, values LoraConfig refuses
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise ValueError(f"adapter config {str(path)!r} could not be read ({reason}): the file is damaged; export the "
+                         "adapter again.") from None
 
 
 def load_adapter(network: nn.Module, directory: str | Path, name: str) -> None:
     """Inject the adapter saved in ``directory`` into ``network`` under ``name`` and load its weights."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     directory = Path(directory)
     if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"no LoRA adapter in {directory} (expected {CONFIG_NAME} and {WEIGHTS_NAME}).")
-    config = LoraConfig(**{k: v for k, v in json.loads((directory / CONFIG_NAME).read_text()).items()
-                           if k in LoraConfig.__dataclass_fields__})
+    config = read_config_file(directory / CONFIG_NAME)
+    weights = read_weights_file(directory / WEIGHTS_NAME)
     inject_adapter_in_model(config, network, adapter_name=name)
-    result = set_peft_model_state_dict(network, load_file(str(directory / WEIGHTS_NAME)), adapter_name=name)
+    result = set_peft_model_state_dict(network, weights, adapter_name=name)
     missing = [k for k in result.unexpected_keys if "lora_" in k]
     if missing:
         raise ValueError(f"adapter {directory} did not load into {type(network).__name__}: unexpected keys {missing[:3]}.")
@@ -160,19 +201,17 @@ def read_adapter_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     """The LoRA weights saved in ``directory`` with peft's key names (no ``base_model.model.``
     prefix), from peft's layout or from diffusers' (``unet.`` / ``transformer.`` keys, UNet keys
     in diffusers' ``lora.down`` / ``lora.up`` naming)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"adapter {str(directory)!r} is not a directory; give the lora/ folder a fit wrote "
                                 "(sdo fit writes it to <log dir>/lora).")
     peft_file, diffusers_file = directory / WEIGHTS_NAME, directory / DIFFUSERS_WEIGHTS_NAME
     if peft_file.is_file():
-        return load_file(str(peft_file))
+        return read_weights_file(peft_file)
     if not diffusers_file.is_file():
         raise FileNotFoundError(f"no LoRA adapter in {directory} (expected {WEIGHTS_NAME} with {CONFIG_NAME}, or "
                                 f"{DIFFUSERS_WEIGHTS_NAME}); give the lora/ folder a fit wrote.")
-    state = load_file(str(diffusers_file))
+    state = read_weights_file(diffusers_file)
     prefixes = {key.split(".", 1)[0] for key in state}
     if len(prefixes) == 1 and prefixes & {"unet", "transformer"}:
         state = {key.split(".", 1)[1]: value for key, value in state.items()}
@@ -250,16 +289,26 @@ def write_model_card(directory: str | Path, fields: dict[str, Any], metrics: dic
 
 def read_model_card(directory: str | Path) -> dict[str, Any]:
     """The YAML front matter of ``directory/README.md`` ({} without one)."""
-    import yaml
-
     path = Path(directory) / "README.md"
     if not path.is_file():
         return {}
-    text = path.read_text()
-    if not text.startswith("---"):
+    return front_matter(path.read_bytes().decode("utf-8", errors="replace"))
+
+
+def front_matter(text: str) -> dict[str, Any]:
+    """The YAML mapping between a first line ``---`` and the next line that is ``---`` alone ({}
+    without one). A value holding ``---`` or a newline does not end it: YAML writes such a value
+    on one line, or quoted over indented lines, never as a bare ``---`` line."""
+    import yaml
+
+    lines = text.split("\n")  # the writer's line ends; YAML escapes the others (\r, U+2028) in values
+    if lines[0].rstrip() != "---":
+        return {}
+    end = next((i for i, line in enumerate(lines[1:], 1) if line.rstrip() in ("---", "...")), None)
+    if end is None:
         return {}
     try:
-        front = yaml.safe_load(text.split("---", 2)[1])
+        front = yaml.safe_load("\n".join(lines[1:end]))
     except yaml.YAMLError:
         return {}
     return front if isinstance(front, dict) else {}

@@ -9,6 +9,7 @@ Every row of the grid uses the same starting noise, so rows differ only by the a
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -17,6 +18,9 @@ from sdo_lightning import lora
 from sdo_lightning.images import save_labelled_rows
 from sdo_lightning.sampling import sample
 from sdo_lightning.solvers import DDIM
+
+#: most samples per grid row (each row is one batch through the network)
+MAX_SAMPLES = 1024
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,9 +40,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse what would fail late or silently give a garbage grid, in one sentence each."""
+    import math
+
+    from sdo_lightning.images import image_format
+
+    for option, values in (("--scales", args.scales), ("--weights", args.weights or [])):
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"sdo mix {option} {' '.join(f'{v:g}' for v in values)}: every value must be a finite "
+                             "number; e.g. --scales 0 0.5 1.")
+    if not 1 <= args.num_samples <= MAX_SAMPLES:
+        raise ValueError(f"sdo mix --num-samples {args.num_samples}: give 1 to {MAX_SAMPLES} samples per row.")
+    if args.steps < 1:
+        raise ValueError(f"sdo mix --steps {args.steps}: give at least 1 sampling step.")
+    if Path(args.out).is_dir() or args.out.endswith(("/", os.sep)):
+        raise ValueError(f"sdo mix --out {args.out}: that is a directory; give a file name such as mix.png.")
+    image_format(args.out)  # a file name PIL writes (mix.png), or one sentence
+
+
 @torch.no_grad()
 def mix(argv: list[str]) -> Path:
     args = build_parser().parse_args(argv)
+    check_arguments(args)
     if args.sd is not None:
         from sdo_lightning.backbones import StableDiffusionBackbone
 

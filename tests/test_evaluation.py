@@ -196,7 +196,7 @@ def test_validation_during_fit_leaves_the_training_unchanged(tiny_digits_dir, tm
                           val_check_interval=1, num_sanity_val_steps=0)
         trainer.fit(module, datamodule=SampleSet(num_samples=2, eval_samples=eval_samples))
         adapters.append([p.detach().clone() for p in module.lora_params])
-        assert ("val/fid" in trainer.callback_metrics) == bool(eval_samples)
+        assert ("val/reward" in trainer.callback_metrics) == bool(eval_samples)
     assert all(torch.equal(a, b) for a, b in zip(*adapters))
 
 
@@ -211,7 +211,9 @@ def hand_sampled(weights, adapter_dir, seeds, steps=3, label=10):
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
         inject_adapter_in_model(LoraConfig(**{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}),
                                 unet)
-        set_peft_model_state_dict(unet, load_file(str(adapter_dir / "adapter_model.safetensors")))
+        # the file has PeftModel's keys; this UNet is not wrapped in one
+        state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        set_peft_model_state_dict(unet, {k.removeprefix("base_model.model."): v for k, v in state.items()})
     scheduler = DDIMScheduler.from_pretrained(weights / "scheduler", clip_sample=False)
     scheduler.set_timesteps(steps)
     x = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])

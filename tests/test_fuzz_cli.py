@@ -90,3 +90,128 @@ def test_every_failure_is_a_clean_error(config, args, tiny_weights, tmp_path, mo
         assert message is not None, f"{type(exc).__name__} is not a clean error for {argv}: {exc}"
         assert "\n" not in message, message
     capsys.readouterr()
+
+
+# -- validate, test, predict and sdo mix: run for real on a tiny fitted model ---------------------
+
+EVAL_KEYS = ["--ckpt_path", "--model.adapter", "--data.eval_samples", "--data.eval_batch_size", "--data.eval_seed",
+             "--data.eval_class_label", "--data.eval_reference_class_label", "--model.evaluation.kid_subset_size",
+             "--model.evaluation.features", "--model.solver.num_inference_steps", "--model.lora_rank",
+             "--seed_everything", "--trainer.limit_predict_batches", "--nonsense"]
+MIX_KEYS = ["--scales", "--weights", "--num-samples", "--steps", "--seed", "--class-label", "--guidance", "--out",
+            "--adapters", "--digits"]
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tiny_digits_dir, tmp_path_factory):
+    """A 2-step LoRA fit, its checkpoint and adapter, plus damaged copies of both."""
+    import os
+
+    from test_evaluation import evaluation_args, write_config
+
+    root = tmp_path_factory.mktemp("fuzz_eval")
+    config = write_config(root / "config.yaml", tiny_digits_dir)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        main(["fit", "--config", str(config), *evaluation_args(tiny_digits_dir), "--trainer.val_check_interval", "2"])
+    finally:
+        os.chdir(cwd)
+    run = root / "runs" / "lightning_logs" / "version_0"
+    damaged = root / "damaged"
+    damaged.mkdir()
+    (damaged / "random.ckpt").write_bytes(bytes(range(256)) * 8)
+    (damaged / "empty.ckpt").write_bytes(b"")
+    lora_copy = damaged / "lora"
+    lora_copy.mkdir()
+    for f in (run / "lora").iterdir():
+        lora_copy.joinpath(f.name).write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
+    return root, config, run / "checkpoints" / "last.ckpt", run / "lora", damaged
+
+
+def _eval_values(fitted_run, tiny_digits_dir):
+    root, _, ckpt, adapter, damaged = fitted_run
+    paths = [str(ckpt), str(adapter), str(damaged / "random.ckpt"), str(damaged / "empty.ckpt"), str(damaged / "lora"),
+             str(root / "missing"), str(root), "last", str(tiny_digits_dir / "classifier")]
+    return st.one_of(st.sampled_from(paths), st.integers(-2, 6).map(str), st.sampled_from(
+        ["null", "0", "nan", "-1", str(10**12), str(2**70), "abc", "[1, 2]", "{}", "1.5", "DDIM"]))
+
+
+def _check_clean(exc_or_exit, capsys, argv):
+    if isinstance(exc_or_exit, SystemExit):
+        err = capsys.readouterr().err
+        if exc_or_exit.code in (0, None):
+            return
+        text = exc_or_exit.code if isinstance(exc_or_exit.code, str) else None
+        # the sdo parser's "error: ...", argparse's "sdo mix: error: ..." (sdo mix's own parser)
+        errors = ([line for line in err.splitlines() if line.startswith(("error:", "sdo mix: error:"))]
+                  if text is None else [text])
+        assert len(errors) == 1 and "\n" not in errors[0] and len(errors[0]) < 1000, (argv, err[-2000:])
+        assert not any(leak in errors[0] for leak in LEAKS), errors[0]
+        return
+    message = clean_message(exc_or_exit)
+    assert message is not None, f"{type(exc_or_exit).__name__} is not a clean error for {argv}: {exc_or_exit}"
+    assert "\n" not in message, message
+    # a sentence, not a bare library key ("KeyError: .txt")
+    assert len(message.split(": ", 1)[-1].split()) >= 4, (argv, message)
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_evaluation_commands_end_cleanly(subcommand, fitted_run, tiny_digits_dir, tmp_path, monkeypatch, capsys):
+    from test_evaluation import evaluation_args
+
+    root, config, ckpt, adapter, damaged = fitted_run
+    monkeypatch.chdir(root)
+    files = [None, str(ckpt), str(adapter), str(damaged / "random.ckpt"), str(damaged / "empty.ckpt"),
+             str(damaged / "lora"), str(root / "missing"), str(root)]
+
+    # a checkpoint and an adapter drawn from good, damaged and wrong files, and up to 2 other options
+    @settings(max_examples=10, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(ckpt_path=st.sampled_from(files + ["last"]), adapter=st.sampled_from(files),
+           args=st.lists(st.tuples(st.sampled_from(EVAL_KEYS), _eval_values(fitted_run, tiny_digits_dir)),
+                         max_size=2))
+    def check(ckpt_path, adapter, args):
+        chosen = [*(["--ckpt_path", ckpt_path] if ckpt_path else []), *(["--model.adapter", adapter] if adapter else [])]
+        argv = [subcommand, "--config", str(config), *evaluation_args(tiny_digits_dir), "--data.eval_samples", "2",
+                *chosen, *[x for pair in args for x in pair]]
+        try:
+            main(argv)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the point is to classify every exception
+            _check_clean(exc, capsys, argv)
+        capsys.readouterr()
+
+    check()
+
+
+def test_mix_ends_cleanly(fitted_run, tiny_digits_dir, tmp_path, monkeypatch, capsys):
+    root, _, _, adapter, damaged = fitted_run
+    monkeypatch.chdir(tmp_path)
+    values = st.one_of(st.sampled_from([str(adapter), str(damaged / "lora"), str(damaged / "random.ckpt"),
+                                        str(tiny_digits_dir), ".", "m.txt", "out.png", "sub/out.png", "nan", "inf",
+                                        "-1", "0", "1e9", "abc", ""]),
+                       st.integers(-2, 4).map(str), st.floats(-3, 3).map(lambda f: f"{f:.2f}"))
+
+    # each option with values of its own kind (odd ones included), or any value
+    own = {"--scales": st.sampled_from(["nan", "inf", "-1", "0", "1e9", "0.5"]),
+           "--weights": st.sampled_from(["nan", "1", "-inf", "0"]),
+           "--num-samples": st.sampled_from(["0", "-1", "1", str(10**12)]),
+           "--steps": st.sampled_from(["0", "-3", "1", "2"]),
+           "--out": st.sampled_from([".", "m.txt", "noext", "out.png", "sub/out.png", str(tmp_path)]),
+           "--adapters": st.sampled_from([str(adapter), str(damaged / "lora"), str(damaged / "random.ckpt"),
+                                          str(tmp_path / "missing")])}
+    pair = st.sampled_from(MIX_KEYS).flatmap(lambda key: st.tuples(st.just(key), st.one_of(own.get(key, values), values)))
+
+    @settings(max_examples=25, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(args=st.lists(pair, max_size=3))
+    def check(args):
+        argv = ["mix", "--adapters", str(adapter), "--digits", str(tiny_digits_dir), "--steps", "2",
+                "--num-samples", "2", *[x for pair in args for x in pair]]
+        try:
+            main(argv)
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - the point is to classify every exception
+            _check_clean(exc, capsys, argv)
+        capsys.readouterr()
+
+    check()

@@ -14,7 +14,7 @@ from test_cli import ROOT
 LAYERS = [
     ("vocabulary", ["sdo_lightning._hub", "sdo_lightning._moved", "sdo_lightning.contracts", "sdo_lightning.registry",
                     "sdo_lightning.errors", "sdo_lightning.progress", "sdo_lightning.images", "sdo_lightning.lora",
-                    "sdo_lightning.white_noise", "sdo_lightning.reward_protocol"]),
+                    "sdo_lightning.white_noise", "sdo_lightning.reward_protocol", "sdo_lightning.atomic"]),
     ("plugins", ["sdo_lightning.solvers", "sdo_lightning.gradient_modes", "sdo_lightning.searches",
                  "sdo_lightning.objectives", "sdo_lightning.digits", "sdo_lightning.backbones"]),
     ("sampling", ["sdo_lightning.sampling"]),

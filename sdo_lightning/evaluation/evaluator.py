@@ -17,12 +17,23 @@ import torch
 from lightning.pytorch import Callback
 from torch import Tensor
 
-from sdo_lightning import progress
+from sdo_lightning import atomic, progress
 from sdo_lightning.evaluation.metrics import Evaluation, SampleMetrics
 from sdo_lightning.images import make_grid
 from sdo_lightning.training.callbacks import PredictionWriter
 from sdo_lightning.training.rows import batch_rows
 
+
+
+def check_finite_images(images: Tensor, batch: dict[str, Any]) -> None:
+    """Refuse images holding NaN or infinite pixels (weights of a diverged fit), naming a row."""
+    bad = (~torch.isfinite(images.flatten(1))).any(1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        seed = f" (seed {int(batch['seed'][row])})" if "seed" in batch else ""
+        raise ValueError(f"{int(bad.sum())} of {len(images)} generated images hold NaN or infinite pixels, e.g. row "
+                         f"{row}{seed}: the adapter or checkpoint holds weights of a diverged fit; use an earlier "
+                         "checkpoint, or fit again with a lower lr.")
 
 class Evaluator:
     """Scores, accumulates and logs a module's evaluation rows; one per module.
@@ -119,8 +130,7 @@ class Evaluator:
                 experiment.add_image(f"{prefix}/base_samples", make_grid(torch.cat(base)[:limit]), step)
                 self.base_logged.add(prefix)
         if module.global_rank == 0 and module.log_dir is not None and trainer.state.fn != "fit":
-            module.log_dir.mkdir(parents=True, exist_ok=True)
-            (module.log_dir / f"{prefix}_metrics.json").write_text(json.dumps(values, indent=2) + "\n")
+            atomic.write_text(module.log_dir / f"{prefix}_metrics.json", json.dumps(values, indent=2) + "\n")
         return values
 
     def predict(self, module: Any, batch: dict[str, Any]) -> dict[str, Any]:
@@ -128,6 +138,7 @@ class Evaluator:
         ``evaluation.predict_base`` is off), with the rows' seeds and conditions."""
         with progress.global_rng_unchanged():
             out: dict[str, Any] = {"images": module.generate_for_eval(batch).detach().float().cpu()}
+            check_finite_images(out["images"], batch)
             if module.evaluation is None or module.evaluation.predict_base:
                 reference = self.reference_images(module, batch)
                 if reference is not None:

@@ -37,6 +37,9 @@ from sdo_lightning.contracts import Objective
 SSIM_WINDOW = 11
 #: torchmetrics' KID default subset size; smaller evaluation sets use all their samples
 KID_SUBSET_SIZE = 50
+#: evaluation rows FID and KID need: below this the estimates are noise (on 2 rows KID's unbiased
+#: estimate came out at -270.7), so they are not reported, with a warning
+MIN_DISTRIBUTION_ROWS = 4
 
 
 class ClassifierFeatures(nn.Module):
@@ -300,9 +303,15 @@ class SampleMetrics(nn.Module):
             if "ssim" in self._seen:
                 out["ssim"] = float(self.ssim.compute())
             n = len(features)
-            if "pixel_fid" in self._seen and n >= 2:
+            enough = n >= MIN_DISTRIBUTION_ROWS
+            if not enough and ("pixel_fid" in self._seen or self.fid is not None):
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"FID and KID need at least {MIN_DISTRIBUTION_ROWS} evaluation rows and got {n}, so they "
+                               f"are not reported; give --data.eval_samples {MIN_DISTRIBUTION_ROWS} or more.")
+            if "pixel_fid" in self._seen and enough:
                 out["pixel_fid"] = float(self.pixel_fid.compute())
-            if self.fid is not None and n >= 2:
+            if self.fid is not None and enough:
                 out["fid"] = float(self.fid.compute())
                 # KID draws random subsets: from a fixed seed, leaving the global generators alone
                 self.kid.subset_size = min(self.kid_subset_size, n)

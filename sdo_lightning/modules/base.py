@@ -197,6 +197,14 @@ class OptimizationModule(LightningModule):
         if progress.micro_batch(self.trainer) == 0:
             self._plan_state_at_step_start = self._plan_generator.get_state()
             self._rng_at_step_start = progress.global_rng_states()
+            picard = self._picard()
+            self._picard_at_step_start = picard.snapshot() if picard is not None else None
+
+    def _picard(self) -> Any:
+        """The module's solver when it keeps warm starts between trajectories (Picard's go into
+        checkpoints), else None."""
+        solver = getattr(self, "solver", None)
+        return solver if hasattr(solver, "restore_trajectories") else None
 
     def _states_to_save(self) -> tuple[Tensor, dict[str, Any]]:
         """The plan generator's and the global generators' states a checkpoint written now holds."""
@@ -212,6 +220,11 @@ class OptimizationModule(LightningModule):
         checkpoint["plan_generator_state"], checkpoint["global_rng_states"] = self._states_to_save()
         checkpoint["skipped_steps"] = self.skipped_steps
         checkpoint["sdo_run"] = self.run_fingerprint()
+        picard = self._picard()
+        if picard is not None:  # its warm starts: those the step (redone on resume) started from
+            inside = self._trainer is not None and progress.inside_step(self.trainer)
+            start = getattr(self, "_picard_at_step_start", None) if inside else None
+            checkpoint["picard_trajectories"] = picard.trajectories(start)
 
     #: the run's model and data settings as flat ``{dotted key: value}`` (set by ``sdo fit``)
     run_config: dict[str, Any] | None = None
@@ -289,6 +302,9 @@ class OptimizationModule(LightningModule):
             self._plan_generator.set_state(checkpoint["plan_generator_state"])
         self._rng_to_restore = checkpoint.get("global_rng_states")
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        picard = self._picard()
+        if picard is not None and "picard_trajectories" in checkpoint:
+            picard.restore_trajectories(checkpoint["picard_trajectories"])
 
 
     # -- evaluation: sdo validate / test / predict, and validation during fit ---------------------

@@ -335,9 +335,14 @@ class RewardFineTuning(OptimizationModule):
         return self._save_with_card(directory)
 
     def _save_with_card(self, directory: str | Path) -> Path:
-        path = self.backbone.save_lora(directory)
-        lora.write_model_card(path, self.card_fields(), getattr(self, "last_eval_metrics", None))
-        return path
+        from sdo_lightning import atomic
+
+        # written beside, then each file renamed over its namesake: a kill or a full disk
+        # mid-export leaves the previous adapter files whole
+        with atomic.replacing_files(directory) as tmp:
+            self.backbone.save_lora(tmp)
+            lora.write_model_card(tmp, self.card_fields(), getattr(self, "last_eval_metrics", None))
+        return Path(directory)
 
 
 def _is_fsdp(strategy: Any) -> bool:

@@ -341,6 +341,24 @@ class Picard(Solver):
         """Drop every stored trajectory (the next trajectories start cold)."""
         self._cache.clear()
 
+    def trajectories(self, cache: OrderedDict | None = None) -> dict[str, Any]:
+        """The stored trajectories (or those of ``cache``, a :meth:`snapshot`) as lists of plain
+        values and CPU tensors, for a checkpoint: a resumed run starts warm where the interrupted
+        one would have, so it reaches the same latents, not ones within the tolerance of them."""
+        cache = self._cache if cache is None else cache
+        return {"keys": [[int(seed), str(device)] for seed, device in cache],
+                "timesteps": [t for t, _ in cache.values()],
+                "outputs": [o.detach().cpu() for _, o in cache.values()]}
+
+    def restore_trajectories(self, saved: dict[str, Any]) -> None:
+        """Replace the stored trajectories by those :meth:`trajectories` returned."""
+        self._cache = OrderedDict(((int(seed), str(device)), (t, o))
+                                  for (seed, device), t, o in zip(saved["keys"], saved["timesteps"], saved["outputs"]))
+
+    def snapshot(self) -> OrderedDict:
+        """The stored trajectories as they are now (entries are replaced, never changed in place)."""
+        return OrderedDict(self._cache)
+
     # -- the solver's step as coefficients, and the noise magnitudes ---------------------------
     def _coefficients(self, scheduler_config: dict[str, Any] | None, device: torch.device, generator: Any,
                       n: int) -> tuple[list[float], list[float]]:

@@ -10,7 +10,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from sdo_lightning import progress
+from sdo_lightning import atomic, progress
 from sdo_lightning.images import make_grid, save_before_after, save_labelled_rows
 from sdo_lightning.errors import NonFiniteError
 
@@ -73,9 +73,10 @@ class LatentResults(Callback):
 
         log_dir.mkdir(parents=True, exist_ok=True)
         before, after = module.initial_images.float().cpu(), module.best_images.float().cpu()
-        np.savez(log_dir / "samples.npz", before=before.numpy(), after=after.numpy())
+        with atomic.replacing(log_dir / "samples.npz") as tmp, open(tmp, "wb") as f:
+            np.savez(f, before=before.numpy(), after=after.numpy())
         png = save_before_after(before, after, log_dir / "before_after.png")
-        (log_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic.write_text(log_dir / "summary.json", json.dumps(summary, indent=2))
         experiment = getattr(module.logger, "experiment", None)
         if hasattr(experiment, "add_images"):
             experiment.add_images("before", before, step)
@@ -163,7 +164,8 @@ class PredictionWriter(Callback):
         log_dir.mkdir(parents=True, exist_ok=True)
         suffix = f"_rank{trainer.global_rank}" if trainer.world_size > 1 else ""
         npz = log_dir / f"{self.filename}{suffix}.npz"
-        np.savez(npz, **arrays)
+        with atomic.replacing(npz) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
         png = log_dir / f"predict_grid{suffix}.png"
         save_labelled_rows(self.grid_rows(arrays), png, nrow=self.nrow)
         self.outputs = []

@@ -9,10 +9,8 @@ code), whatever ``--weights_only`` says; anything else ends in one sentence.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -55,22 +53,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
     (see the module docstring). The LightningModules here install it in place of the default."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any = None) -> None:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a process killed mid-write
-            with contextlib.suppress(OSError):
-                stale.unlink()
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        from sdo_lightning import atomic
+
+        with atomic.replacing(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)  # through Python's file: a full disk raises OSError (ENOSPC)
 
     def load_checkpoint(self, path: str | os.PathLike, map_location: Callable | Any = None,
                         weights_only: bool | None = None) -> dict[str, Any]:

@@ -103,6 +103,18 @@ class _Samples(Dataset):
         return {k: v[i] for k, v in self.columns.items()}
 
 
+#: most samples or evaluation rows a data module holds: each is an image the run generates, and
+#: their columns are built in memory up front (10**12 rows would fail in the allocator)
+MAX_ROWS = 1_000_000
+
+
+def check_rows(option: str, n: int) -> None:
+    """Refuse more than :data:`MAX_ROWS` rows in one sentence."""
+    if n > MAX_ROWS:
+        raise ValueError(f"{option} {n} is more than the {MAX_ROWS:,} a run can hold; give at most {MAX_ROWS:,} "
+                         "(split a larger evaluation over several runs with --data.eval_seed).")
+
+
 def eval_columns(num_samples: int, class_label: int | list[int] | None, prompt: str | list[str] | None, seed: int,
                  null_class: int, reference_class_label: int | list[int] | None = None) -> dict[str, Any] | None:
     """The evaluation rows: ``index`` (row number), ``seed`` (``seed + index``: the row's starting
@@ -115,6 +127,7 @@ def eval_columns(num_samples: int, class_label: int | list[int] | None, prompt: 
         raise ValueError(f"eval_seed must be >= 0, got {seed}.")
     if num_samples == 0:
         return None
+    check_rows("eval_samples", num_samples)
     index = torch.arange(num_samples)
     columns: dict[str, Any] = {"index": index, "seed": index + seed,
                                "class_label": _per_sample(class_label, num_samples, null_class)}
@@ -249,6 +262,7 @@ class SampleSet(_DataModule):
             self.eval_rows["target"] = _per_sample(target, eval_samples, null_class)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}.")
+        check_rows("num_samples", num_samples)
         self.num_samples = num_samples
         columns = {
             "index": torch.arange(num_samples),
