@@ -117,7 +117,7 @@ def test_anchor_is_the_closed_form_kl_of_the_two_ddim_kernels(eta, mode, tiny_di
 
 
 @pytest.mark.parametrize("kl_weight", [1.0, 0.0])
-def test_anchor_gradient_pulls_the_adapters_towards_the_base_model(kl_weight, tiny_digits_dir):
+def test_anchor_gradient_pulls_the_adapters_towards_the_base_model(kl_weight, tiny_digits_dir, tmp_path):
     """With nothing else to optimize, steps on the anchor alone bring the adapted outputs back
     towards the base model's (measured by an independent comparison of the two networks); without
     the anchor nothing moves."""
@@ -137,7 +137,7 @@ def test_anchor_gradient_pulls_the_adapters_towards_the_base_model(kl_weight, ti
 
     before = gap()
     Trainer(max_steps=20, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False).fit(module, datamodule=SampleSet(num_samples=4))
+            enable_checkpointing=False, default_root_dir=tmp_path).fit(module, datamodule=SampleSet(num_samples=4))
     if kl_weight:
         assert gap() < 0.5 * before
     else:
