@@ -236,6 +236,14 @@ class Solver(abc.ABC):
     def forget(self) -> None:
         """Drop whatever is kept between trajectories (a wrapper's warm starts); nothing here."""
 
+    def transition_kl(self, model_output: Tensor, reference_output: Tensor, t: Tensor, x: Tensor,
+                      state: SolverState) -> Tensor | None:
+        """Per-sample KL divergence ``(B,)`` between this step's transition kernels
+        ``p(x_next | x)`` under ``model_output`` and under ``reference_output`` (the same ``x`` and
+        ``t``), differentiable in ``model_output``; None where the step is deterministic, so that no
+        KL exists (the default: solvers without a Gaussian step with noise)."""
+        return None
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(num_inference_steps={self.num_inference_steps}, "

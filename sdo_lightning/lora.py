@@ -275,6 +275,9 @@ def write_model_card(directory: str | Path, fields: dict[str, Any], metrics: dic
              f"Fine-tuned with sdo-lightning's RewardFineTuning on the reward `{fields.get('reward')}` for "
              f"{fields.get('steps')} optimizer steps (gradient mode `{fields.get('gradient_mode')}`, solver "
              f"`{fields.get('solver')}`, rank {fields.get('lora_rank')}).", ""]
+    if fields.get("selected_by"):
+        lines += [f"Selected checkpoint: step {fields.get('steps')} of {fields.get('final_step')}, the best by "
+                  f"`{fields['selected_by']}` = {fields.get('selected_score')}.", ""]
     if metrics:
         lines += ["## Validation", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {float(v):.4g} |" for k, v in metrics.items()]

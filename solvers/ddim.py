@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from diffusers import DDIMScheduler
 from torch import Tensor
 
@@ -64,3 +65,30 @@ class DDIM(Solver):
             use_clipped_model_output=self.use_clipped_model_output,
         )
         return out.prev_sample
+
+    def transition_kl(self, model_output: Tensor, reference_output: Tensor, t: Tensor, x: Tensor,
+                      state: SolverState) -> Tensor | None:
+        """KL divergence ``(B,)`` between the two Gaussian kernels of a stochastic DDIM step (eta > 0).
+
+        A step is ``x_{t-1} = mu(u, x_t) + sigma_t z`` with ``z ~ N(0, I)`` and a ``sigma_t`` that does
+        not depend on the network output ``u``, so ``KL = ||mu(u) - mu(u_ref)||^2 / (2 sigma_t^2)``.
+        ``mu`` and ``sigma_t`` are read off the scheduler's own step (zero noise gives ``mu``, unit
+        noise ``mu + sigma_t``), in float64. None for eta 0, and for a step with ``sigma_t = 0``
+        (the last one, where the schedule ends at alpha_bar = 1): deterministic, no KL exists.
+        """
+        if self.eta == 0:
+            return None
+        x64 = x.detach().double()
+
+        def moved(output: Tensor, noise: float) -> Tensor:
+            variance_noise = torch.full_like(x64, noise)
+            return state.scheduler.step(output.double(), t, x64, eta=self.eta, variance_noise=variance_noise,
+                                        return_dict=True).prev_sample
+
+        with torch.no_grad():
+            reference = moved(reference_output, 0.0)
+            sigma = moved(reference_output, 1.0) - reference
+        if not bool((sigma > 0).all()):
+            return None
+        kl = (moved(model_output, 0.0) - reference).pow(2) / (2 * sigma.pow(2))
+        return kl.flatten(1).sum(1).float()

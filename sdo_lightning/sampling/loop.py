@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from sdo_lightning.contracts import GradientMode, GradientPlan, Solver, Target
+from sdo_lightning.contracts import GradientMode, GradientPlan, Solver, SolverState, Target
 
 #: ``denoiser(x, t, cond) -> model_output``; guidance (CFG) lives inside the denoiser.
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
@@ -38,6 +38,8 @@ class Step:
         x: the latent the network read (before ``scale_model_input``).
         model_output: the network output (guidance included).
         next: the latent the solver stepped to.
+        state: the trajectory's solver state (its scheduler), e.g. for
+            :meth:`~sdo_lightning.contracts.Solver.transition_kl`.
     """
 
     index: int
@@ -45,6 +47,7 @@ class Step:
     x: Tensor
     model_output: Tensor
     next: Tensor
+    state: SolverState | None = None
 
 
 #: ``callback(step) -> None``, or a latent the trajectory continues from instead of ``step.next``
@@ -125,7 +128,7 @@ def sample(
             out = _scale_gradient(out, plan.grad_scale)
         x_next = solver.step(out, t, x, state)          # outside: stays differentiable
         if callback is not None:
-            replaced = callback(Step(i, t, x, out, x_next))
+            replaced = callback(Step(i, t, x, out, x_next, state))
             x_next = x_next if replaced is None else replaced
         x = x_next
     return x
