@@ -437,10 +437,10 @@ class RewardFineTuning(OptimizationModule):
         return {"loss": loss, "images": images.detach()}  # the images for SampleImages
 
     def on_validation_epoch_end(self) -> None:
-        super().on_validation_epoch_end()
+        values = self.evaluator.finish(self, "val")
         # every validation of a fit, by step: the model card of a selected checkpoint shows its own
-        if getattr(self, "_metrics", None) is not None and self.trainer.state.fn == "fit":
-            self._validation_history[int(self.global_step)] = dict(self.last_eval_metrics)
+        if values is not None and self.trainer.state.fn == "fit":
+            self._validation_history[int(self.global_step)] = dict(values)
 
     def configure_callbacks(self) -> list[Callback]:
         # sample grids in TensorBoard every 50 steps, unless the trainer was given its own
