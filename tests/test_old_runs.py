@@ -125,3 +125,21 @@ def test_an_old_module_path_still_imports_with_a_deprecation_warning(old):
     new = importlib.import_module(MOVED[old])
     public = [name for name in vars(new) if not name.startswith("_")]
     assert public and all(getattr(module, name) is getattr(new, name) for name in public)
+
+
+def test_an_option_added_since_compares_equal_only_at_its_default():
+    """A checkpoint of the earlier release cannot record options added since: left at their
+    defaults (the earlier behaviour) they do not make it another run; set otherwise, they do."""
+    from sdo_lightning.modules.base import _is_default
+
+    config = {"model.class_path": "sdo_lightning.latent_optimization.LatentOptimization",  # an old path
+              "model.init_args.decode_clamp": "straight_through",
+              "model.init_args.solver.class_path": "sdo_lightning.solvers.DDIM",
+              "model.init_args.solver.init_args.use_clipped_model_output": False}
+    assert _is_default(config, "model.init_args.decode_clamp")
+    assert _is_default(config, "model.init_args.solver.init_args.use_clipped_model_output")
+    config["model.init_args.decode_clamp"] = "hard"
+    config["model.init_args.solver.init_args.use_clipped_model_output"] = True
+    assert not _is_default(config, "model.init_args.decode_clamp")
+    assert not _is_default(config, "model.init_args.solver.init_args.use_clipped_model_output")
+    assert not _is_default(config, "model.init_args.no_such_option")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -268,7 +271,8 @@ class OptimizationModule(LightningModule):
         if "config" in mine and "config" in saved:
             theirs, ours = saved["config"], mine["config"]
             keys = sorted(k for k in set(theirs) | set(ours) if _current(theirs.get(k)) != _current(ours.get(k))
-                          and (not evaluation or k.startswith(self.base_model_settings)))
+                          and (not evaluation or k.startswith(self.base_model_settings))
+                          and not (k not in theirs and _is_default(ours, k)))
             diffs += [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in keys[:3]]
             if len(keys) > 3:
                 diffs.append(f"{len(keys) - 3} more settings")
@@ -377,6 +381,33 @@ class OptimizationModule(LightningModule):
     def log_hparams_with_metrics(self, params: dict[str, Any]) -> None:
         """Put ``params`` in TensorBoard's HParams tab beside the last evaluation's numbers."""
         self.evaluator.log_hparams(self, params)
+
+
+def _is_default(config: dict[str, Any], key: str) -> bool:
+    """True when the flat setting ``key`` of ``config`` (``...init_args.NAME``) holds its class's
+    default: an option added after a checkpoint was written, left at the default, which keeps the
+    earlier behaviour (so the checkpoint, which cannot record it, is still of this run)."""
+    owner, sep, name = key.rpartition(".init_args.")
+    class_path = config.get(f"{owner}.class_path") if sep else None
+    if not isinstance(class_path, str) or not name.isidentifier():
+        return False
+    module_name, _, class_name = current_path(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        default = inspect.signature(cls).parameters[name].default
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError):
+        return False
+    return default is not inspect.Parameter.empty and _same(default, config[key])
+
+
+def _same(default: Any, value: Any) -> bool:
+    """The recorded ``value`` (plain, as ``sdo fit`` flattens a config) equals the ``default``."""
+    if isinstance(default, tuple):
+        default = list(default)
+    try:
+        return bool(default == value)
+    except Exception:  # a default that does not compare with a plain value (a lazy instance, a tensor)
+        return False
 
 
 def _current(value: Any) -> Any:
