@@ -146,6 +146,8 @@ def _known(key: str) -> tuple[str, list[str]] | None:
     if found is None:
         return None
     what, kind = found
+    if kind == "gradient_modes":  # the key takes a search too (LatentOptimization)
+        return "gradient mode or search", registry.names(kind) + registry.names("searches")
     return what, registry.names(kind)
 
 
