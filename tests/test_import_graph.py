@@ -23,7 +23,7 @@ LAYERS = [
     ("modules", ["sdo_lightning.modules"]),
     # the package's front (sdo_lightning/__init__.py), the commands, the script that trains the embedded
     # digits model, and the tiny pipelines of tests and benchmarks: nothing in the library imports them
-    ("top", ["sdo_lightning", "sdo_lightning.cli", "sdo_lightning.console", "sdo_lightning.__main__",
+    ("top", ["sdo_lightning", "sdo_lightning.cli", "sdo_lightning.cli_messages", "sdo_lightning.console", "sdo_lightning.__main__",
              "sdo_lightning.reward_server", "sdo_lightning.mix", "sdo_lightning.digits.train",
              "sdo_lightning.testing"]),
 ]

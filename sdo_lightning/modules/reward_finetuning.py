@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from jsonargparse import lazy_instance
@@ -17,22 +16,19 @@ from torch import Tensor
 
 from sdo_lightning import lora, progress
 from sdo_lightning.backbones import Backbone, DigitsBackbone
-from sdo_lightning.contracts import GradientMode, GradientPlan, Objective, Target
+from sdo_lightning.contracts import GradientMode, Objective, Target
 from sdo_lightning.contracts import Solver
 from sdo_lightning.gradient_modes import ShortcutGradient
 from sdo_lightning.training.callbacks import SampleImages
 from sdo_lightning.evaluation.metrics import Evaluation
+from sdo_lightning.modules.adapter_export import AdapterExport, _is_fsdp
+from sdo_lightning.modules.anchoring import OWN_TRAIN_METRICS, Anchoring, KeptWindow  # noqa: F401 (also imported from here)
 from sdo_lightning.modules.base import OptimizationModule, check_solver_fits_backbone
-from sdo_lightning.sampling import Step, sample
+from sdo_lightning.sampling import sample
 from sdo_lightning.solvers import DDIM
 
 
-#: the ``train/`` metrics the module logs itself (the objective's terms come on top)
-OWN_TRAIN_METRICS = frozenset({"train/loss", "train/reward", "train/diversity", "train/grad_norm", "train/skipped_steps",
-                               "train/adapter_l2", "train/anchor_kl", "train/held_out"})
-
-
-class RewardFineTuning(OptimizationModule):
+class RewardFineTuning(Anchoring, AdapterExport, OptimizationModule):
     """Fine-tune LoRA adapters on the denoiser so its samples lower an objective (raise a reward).
 
     Each training step draws fresh starting noise for every sample of the batch, samples through
@@ -161,80 +157,6 @@ class RewardFineTuning(OptimizationModule):
         self._validation_history: dict[int, dict[str, float]] = {}
         self._card_selection: dict[str, Any] | None = None  # of the exported adapter, when selected
 
-    # -- anchoring: which calls may keep a graph, and the KL to the base model at those ----------
-    def _kept_window(self) -> tuple[int, int, int] | None:
-        """``(first, stop, N)``: the calls ``first .. stop - 1`` of the ``N`` the solver makes lie in
-        ``kept_timesteps`` / ``kept_fraction``; None without a window. Refuses an empty window."""
-        if self.kept_timesteps is not None and self.kept_fraction is not None:
-            raise ValueError("kept_timesteps and kept_fraction both set a window of kept calls; give one of them.")
-        if self.kept_timesteps is None and self.kept_fraction is None:
-            return None
-        timesteps = [float(t) for t in self.solver.unwrap().begin(self.backbone.scheduler_config, "cpu").timesteps]
-        n = len(timesteps)
-        if self.kept_timesteps is not None:
-            if len(self.kept_timesteps) != 2:
-                raise ValueError(f"kept_timesteps must be two numbers [t_min, t_max], got {list(self.kept_timesteps)}.")
-            low, high = (float(v) for v in self.kept_timesteps)
-            inside = [i for i, t in enumerate(timesteps) if low <= t <= high]
-            if not inside:
-                span = f"{min(timesteps):g}..{max(timesteps):g}"
-                what = ("is empty (t_min > t_max)" if low > high else f"lies outside the schedule (timesteps {span})"
-                        if high < min(timesteps) or low > max(timesteps) else
-                        f"holds none of the {n} timesteps the solver samples ({', '.join(f'{t:g}' for t in timesteps)})")
-                raise ValueError(f"kept_timesteps [{low:g}, {high:g}] {what}; give a window [t_min, t_max] that "
-                                 f"contains at least one of them.")
-        else:
-            if len(self.kept_fraction) != 2:
-                raise ValueError(f"kept_fraction must be two numbers [start, end], got {list(self.kept_fraction)}.")
-            start, end = (float(v) for v in self.kept_fraction)
-            if not 0.0 <= start < end <= 1.0:
-                raise ValueError(f"kept_fraction [{start:g}, {end:g}] is not a window of the chain; give 0 <= start < "
-                                 "end <= 1 (e.g. [0.25, 0.75] for the middle half).")
-            inside = [i for i in range(n) if start <= i / n < end]
-            if not inside:
-                raise ValueError(f"kept_fraction [{start:g}, {end:g}] holds none of the chain's {n} calls (call i "
-                                 f"sits at i / {n}); widen it to at least 1 / {n}.")
-        if inside != list(range(inside[0], inside[-1] + 1)):  # a schedule whose timesteps are not monotone
-            raise ValueError(f"the calls in the window are not consecutive ({inside}); give kept_fraction instead.")
-        return inside[0], inside[-1] + 1, n
-
-    def planner(self) -> GradientMode:
-        """The gradient mode the training trajectories use: ``gradient_mode``, restricted to the
-        window of kept calls when there is one."""
-        if self.kept_window is None:
-            return self.gradient_mode
-        return KeptWindow(self.gradient_mode, *self.kept_window)
-
-    def _anchoring(self, denoiser: Any) -> tuple[Any, Callable[[Step], None], list[Tensor]]:
-        """``(denoiser, callback, terms)`` for a trajectory whose kept calls are compared with the
-        base model: the denoiser notes the input of each call that keeps its graph, the callback
-        (right after that call's solver step) runs the base model on it (no grad, adapters off)
-        and appends the call's per-sample KL to ``terms``."""
-        solver = self.solver.unwrap()  # a wrapper's (Picard's) loop steps with the solver it wraps
-        noted: list[tuple[Tensor, Tensor, Any]] = []
-        terms: list[Tensor] = []
-
-        def noting(x: Tensor, t: Tensor, cond: Any) -> Tensor:
-            if torch.is_grad_enabled():  # a kept call (or its recomputation in backward: overwritten, unused)
-                noted[:] = [(x.detach(), t, cond)]
-            return denoiser(x, t, cond)
-
-        def compare(step: Step) -> None:
-            if not noted or not step.model_output.requires_grad:
-                return None
-            x, t, cond = noted.pop()
-            if self._folding is not None:
-                self._folding.fold(False)  # the base weights themselves, not the adapters folded into them
-            with torch.no_grad(), lora.adapters_disabled(self.backbone.network):
-                base = self.backbone.denoise(x, t, cond)
-            kl = solver.transition_kl(step.model_output, base, step.timestep, step.x, step.state)
-            if kl is None:  # a deterministic step: the KL of unit-variance Gaussians around the outputs
-                kl = 0.5 * (step.model_output.float() - base.float()).pow(2).flatten(1).sum(1)
-            terms.append(kl)
-            return None
-
-        return noting, compare, terms
-
     base_model_settings = OptimizationModule.base_model_settings + (
         "model.init_args.lora_rank", "model.init_args.lora_alpha", "model.init_args.lora_target_modules")
 
@@ -266,45 +188,6 @@ class RewardFineTuning(OptimizationModule):
                 "fold_adapters reads the base weights outside the network's forward, where FSDP holds only a "
                 "shard of them; set fold_adapters: false under the FSDP strategy."
             )
-
-    def logged_metrics(self) -> tuple[set[str], bool]:
-        """The names this fit can log (``train/...`` and, when it validates, ``val/...``) and
-        whether it validates; the objective's own terms (``train/<term>``) are not among them."""
-        names = set(OWN_TRAIN_METRICS) - {"train/adapter_l2", "train/anchor_kl", "train/held_out"}
-        names |= {"train/adapter_l2"} if self.adapter_l2 else set()
-        names |= {"train/anchor_kl"} if self.kl_weight else set()
-        names |= {"train/held_out"} if self.held_out_objective is not None else set()
-        datamodule = getattr(self.trainer, "datamodule", None)
-        validates = self.trainer.limit_val_batches != 0 and getattr(datamodule, "eval_rows", True) is not None
-        if validates:
-            val = {"reward", "diversity", "base_diversity", "psnr", "ssim", "pixel_fid"}
-            val |= {"held_out"} if self.held_out_objective is not None else set()
-            evaluation = self.evaluation
-            if isinstance(evaluation, Evaluation):
-                val |= {"fid", "kid", "class_entropy"} if _setting(evaluation, "features") is not None else set()
-                val |= {"lpips"} if _setting(evaluation, "lpips") is not None else set()
-                val |= {"clip_score"} if _setting(evaluation, "clip_model") is not None else set()
-            names |= {f"val/{name}" for name in val}
-        return names, validates
-
-    def _check_monitors(self) -> None:
-        """Refuse, before any sampling, a ModelCheckpoint or EarlyStopping whose monitor names a
-        metric this fit never logs (Lightning would say so only at the first validation)."""
-        from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-
-        names, validates = self.logged_metrics()
-        for callback in self.trainer.callbacks:
-            monitor = getattr(callback, "monitor", None) if isinstance(callback, (ModelCheckpoint, EarlyStopping)) else None
-            objective_term = monitor is not None and monitor.startswith("train/") and monitor not in OWN_TRAIN_METRICS
-            if not monitor or monitor in names or objective_term:
-                continue
-            kind = type(callback).__name__
-            if monitor.startswith("val/") and not validates:
-                raise ValueError(f"{kind} monitors {monitor!r}, which only validation logs, and this fit does not "
-                                 "validate; set data.eval_samples (and trainer.val_check_interval) or monitor a train/ "
-                                 "metric.")
-            raise ValueError(f"{kind} monitors {monitor!r}, which this fit never logs; monitor one of "
-                             f"{', '.join(sorted(names))}.")
 
     def on_fit_start(self) -> None:
         for p in self.lora_params:
@@ -475,160 +358,7 @@ class RewardFineTuning(OptimizationModule):
                 rank_zero_info(f"LoRA adapter written to {path}")
         self.log_hparams_with_metrics({**self.card_fields(), **(self._card_selection or {})})
 
-    def selected_checkpoint(self) -> Any:
-        """The trainer's first ``ModelCheckpoint`` with a ``monitor`` that saved a best checkpoint
-        file, or None."""
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        if self._trainer is None:
-            return None
-        for callback in self.trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.monitor and callback.best_model_path \
-                    and Path(callback.best_model_path).is_file():
-                return callback
-        return None
-
-    def export_selected(self, callback: Any, directory: str | Path | None = None) -> Path | None:
-        """Write the adapter of ``callback``'s best checkpoint (not the last step's) to
-        ``<log dir>/lora``, its model card naming the step, the metric and its value. The module
-        keeps the last step's adapters (as Lightning leaves a fitted module)."""
-        from lightning.pytorch.utilities import rank_zero_warn
-
-        from sdo_lightning.checkpoint_io import read_checkpoint
-
-        if self._trainer is not None and _is_fsdp(self.trainer.strategy):
-            rank_zero_warn("checkpoint selection is not supported under FSDP (sharded checkpoints): the adapter of the "
-                           "last step is exported; load the selected checkpoint with --ckpt_path to export it.")
-            return self.export_adapter(directory)
-        if self.global_rank != 0:
-            return None
-        if directory is None:
-            if self.log_dir is None:
-                return None
-            directory = self.log_dir / "lora"
-        checkpoint = read_checkpoint(callback.best_model_path)
-        params = dict(self.named_parameters())
-        state = {k: v for k, v in checkpoint["state_dict"].items() if self.is_trainable_key(k) and k in params}
-        if not state:
-            raise ValueError(f"the selected checkpoint {callback.best_model_path} holds no adapter weights of this model; "
-                             "select on checkpoints this fit wrote.")
-        step = int(checkpoint["global_step"])
-        score = callback.best_model_score
-        self._card_selection = {
-            "steps": step,
-            "selected_by": f"{callback.monitor} ({callback.mode})",
-            "selected_score": None if score is None else float(score),
-            "final_step": int(self.global_step),
-        }
-        kept = {k: params[k].detach().clone() for k in state}
-        try:
-            with torch.no_grad():
-                for k, value in state.items():
-                    params[k].copy_(value)
-            path = self.backbone.save_lora(directory)
-            lora.write_model_card(path, {**self.card_fields(), **self._card_selection},
-                                  self._validation_history.get(step, getattr(self, "last_eval_metrics", None)))
-            return path
-        finally:
-            with torch.no_grad():
-                for k, value in kept.items():
-                    params[k].copy_(value)
-
-    def card_fields(self) -> dict[str, Any]:
-        """What the model card and TensorBoard's HParams tab record of this fine-tuning."""
-        solver = self.solver
-        base = type(self.backbone).__name__
-        source = next((v for k, v in sorted((self.run_config or {}).items())
-                       if k.startswith("model.init_args.backbone.init_args.") and k.rsplit(".", 1)[-1] in ("model", "path")
-                       and v is not None), None)
-        return {
-            "base_model": f"{base}({source})" if source else base,
-            "base_model_signature": self.base_model,
-            "lora_rank": self.lora_rank,
-            "lora_alpha": self.lora_alpha,
-            "reward": type(self.objective).__name__,
-            "held_out_reward": type(self.held_out_objective).__name__ if self.held_out_objective is not None else None,
-            "steps": int(self.global_step) if self._trainer is not None else 0,
-            "gradient_mode": type(self.gradient_mode).__name__,
-            "solver": self.solver_name(),
-            "solver_steps": getattr(solver, "num_inference_steps", None),
-            "lr": self.optimizer_lr(),
-            "seed": self.seed,
-        }
-
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # every step draws new samples: a Picard solver's stored trajectories would never start
         # one warm again, and would hold one trajectory per sample on the device
         self.solver.forget()
-
-    def export_adapter(self, directory: str | Path | None = None) -> Path | None:
-        """Write the adapter (``<log dir>/lora`` by default) in the backbone's LoRA format.
-
-        Under DDP process 0 writes.
-        """
-        if directory is None:
-            if self.log_dir is None:
-                return None
-            directory = self.log_dir / "lora"
-        if self._trainer is not None and _is_fsdp(self.trainer.strategy):
-            # outside forward FSDP keeps a shard of each weight: gather them (every process takes part)
-            from torch.distributed.fsdp import FullyShardedDataParallel
-
-            with FullyShardedDataParallel.summon_full_params(self.trainer.strategy.model, writeback=False):
-                return self._save_with_card(directory) if self.global_rank == 0 else None
-        if self.global_rank != 0:
-            return None
-        return self._save_with_card(directory)
-
-    def _save_with_card(self, directory: str | Path) -> Path:
-        from sdo_lightning import atomic
-
-        # written beside, then each file renamed over its namesake: a kill or a full disk
-        # mid-export leaves the previous adapter files whole
-        with atomic.replacing_files(directory) as tmp:
-            self.backbone.save_lora(tmp)
-            lora.write_model_card(tmp, self.card_fields(), getattr(self, "last_eval_metrics", None))
-        return Path(directory)
-
-
-class KeptWindow(GradientMode, register=False):
-    """A gradient mode restricted to a window of consecutive calls: ``mode`` plans a trajectory
-    of the window's ``stop - first`` calls, and its plan is placed at calls ``first .. stop - 1``
-    of the ``num_calls``; no call outside the window keeps its graph.
-
-    It lives here rather than in each mode's ``plan`` because the window is the same rule for
-    every mode, and only the solver's timesteps (which ``plan`` never sees) say where it lies.
-    """
-
-    def __init__(self, mode: GradientMode, first: int, stop: int, num_calls: int) -> None:
-        if not 0 <= first < stop <= num_calls:
-            raise ValueError(f"a window of kept calls must satisfy 0 <= first < stop <= {num_calls}, got {first}, {stop}.")
-        self.mode, self.first, self.stop, self.num_calls = mode, first, stop, num_calls
-
-    def plan(self, num_calls: int, target: Target, generator: torch.Generator | None = None) -> GradientPlan:
-        if num_calls != self.num_calls:
-            raise ValueError(f"the window of kept calls was set for trajectories of {self.num_calls} calls, and this one "
-                             f"has {num_calls}; build the module again for the new solver.")
-        inner = self.mode.plan(self.stop - self.first, target, generator)
-        keep = (False,) * self.first + tuple(inner.keep) + (False,) * (num_calls - self.stop)
-        detach = None if inner.detach_before is None else self.first + inner.detach_before
-        return dataclasses.replace(inner, keep=keep, detach_before=detach)
-
-
-def _setting(obj: Any, name: str) -> Any:
-    """Constructor argument ``name`` of ``obj``, also of a jsonargparse ``lazy_instance`` not built yet
-    (its attributes appear only at the first method call)."""
-    if name in vars(obj):
-        return vars(obj)[name]
-    lazy = getattr(obj, "_lazy_kwargs", {})
-    if name in lazy:
-        return lazy[name]
-    import inspect
-
-    return inspect.signature(getattr(obj, "_lazy_class_type", type(obj)).__init__).parameters[name].default
-
-
-def _is_fsdp(strategy: Any) -> bool:
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return isinstance(strategy, FSDPStrategy)
