@@ -6,7 +6,7 @@ Runs the quickstart (`configs/quickstart.yaml`: SDO on the digits DDPM, 50 DDIM 
 classifier averaged over 16 augmented copies plus an L2 fidelity term) for ``--steps`` optimizer
 steps twice: with the classifier in this process, and with the classifier served by
 `sdo serve-reward` in a subprocess and reached through `RemoteObjective` (the fidelity term stays
-local). Reports the median wall seconds per step after the first, the CPU seconds per step of
+local); then the same on a tiny random Stable Diffusion pipeline with a tiny CLIP score. Reports the median wall seconds per step after the first, the CPU seconds per step of
 this process and of the server (from /proc), and the ratio served / in-process. One torch thread
 on each side; run it on a quiet machine (it times wall clock). Prints a markdown table.
 """
@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from sdo_lightning.console import configure_cpu_threads
 
@@ -82,20 +83,60 @@ def run(served: bool, steps: int, samples: int) -> dict[str, float]:
             "server_cpu": statistics.median(r[2] for r in later)}
 
 
+def run_tiny_sd(served: bool, steps: int, samples: int, root: Path) -> dict[str, float]:
+    """The same on a tiny random Stable Diffusion pipeline (20 DDIM steps) with a tiny CLIP score."""
+    from sdo_lightning.backbones import StableDiffusionBackbone
+    from sdo_lightning.modules.latent_optimization import LatentOptimization
+    from sdo_lightning.objectives import CLIPScore, RemoteObjective
+    from sdo_lightning.solvers import DDIM
+    from sdo_lightning.testing import tiny_models
+    from sdo_lightning.training.data import SampleSet
+
+    if not (root / "sd").is_dir():
+        tiny_models.build_tiny_sd(root / "sd")
+        tiny_models.build_tiny_clip(root / "clip")
+    server = None
+    objective: Any = CLIPScore(str(root / "clip"), prompt="a cat")
+    if served:
+        server = subprocess.Popen([sys.executable, "-m", "sdo_lightning", "serve-reward", "--objective", "CLIPScore",
+                                   "--objective.model", str(root / "clip"), "--objective.prompt", "a cat",
+                                   "--address", "127.0.0.1:0", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+        address = next(line for line in server.stderr if "serving" in line).split(" on ")[1].split()[0]
+        objective = RemoteObjective(address)
+    module = LatentOptimization(objective=objective, backbone=StableDiffusionBackbone(str(root / "sd"), guidance_scale=1.0),
+                                solver=DDIM(20), lr=0.1)
+    timer = StepTimer(server.pid if server else None)
+    try:
+        trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+                          default_root_dir=root / "run")
+        trainer.fit(module, datamodule=SampleSet(num_samples=samples, prompt="a cat"))
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait()
+    later = timer.rows[1:]
+    return {"wall": statistics.median(r[0] for r in later), "cpu": statistics.median(r[1] for r in later),
+            "server_cpu": statistics.median(r[2] for r in later)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--samples", type=int, default=16)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    local = run(False, args.steps, args.samples)
-    remote = run(True, args.steps, args.samples)
-    print("| reward | wall s / step | CPU s / step (run) | CPU s / step (server) |")
-    print("|---|---|---|---|")
-    for name, r in (("in-process", local), ("served (sdo serve-reward)", remote)):
-        print(f"| {name} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['server_cpu']:.3f} |")
-    print(f"\nserved / in-process, wall: {remote['wall'] / local['wall']:.3f}; "
-          f"CPU (run + server): {(remote['cpu'] + remote['server_cpu']) / local['cpu']:.3f}")
+    print("| model | reward | wall s / step | CPU s / step (run) | CPU s / step (server) | served / in-process, wall |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as scratch:
+        cases = [("digits quickstart, classifier x16 augmented", lambda served: run(served, args.steps, args.samples)),
+                 ("tiny SD (20 DDIM steps), tiny CLIP score",
+                  lambda served: run_tiny_sd(served, args.steps, min(args.samples, 4), Path(scratch)))]
+        for name, fn in cases:
+            local, remote = fn(False), fn(True)
+            for how, r in (("in-process", local), ("served", remote)):
+                ratio = f"{remote['wall'] / local['wall']:.3f}" if how == "served" else "-"
+                print(f"| {name} | {how} | {r['wall']:.3f} | {r['cpu']:.3f} | {r['server_cpu']:.3f} | {ratio} |")
 
 
 if __name__ == "__main__":
