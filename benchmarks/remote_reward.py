@@ -55,18 +55,16 @@ class StepTimer(Callback):
         self.rows.append(tuple(b - a for a, b in zip(self.start, self._now())))
 
 
-def run(served: bool, steps: int, samples: int) -> dict[str, float]:
-    from _models import cli_parts
+def serve(objective_args: list[str]) -> tuple[subprocess.Popen, str]:
+    """``sdo serve-reward`` with ``objective_args`` in a subprocess on a free port: (process, address)."""
+    server = subprocess.Popen([sys.executable, "-m", "sdo_lightning", "serve-reward", *objective_args,
+                               "--address", "127.0.0.1:0", "--threads", "1"], stderr=subprocess.PIPE, text=True)
+    return server, next(line for line in server.stderr if "serving" in line).split(" on ")[1].split()[0]
 
-    from sdo_lightning.objectives import RemoteObjective
 
-    module, data = cli_parts(["--config", str(ROOT / "configs" / "quickstart.yaml"), "--data.num_samples", str(samples)])
-    server = None
-    if served:
-        server = subprocess.Popen([sys.executable, "-m", "sdo_lightning", "serve-reward", *CLASSIFIER,
-                                   "--address", "127.0.0.1:0", "--threads", "1"], stderr=subprocess.PIPE, text=True)
-        address = next(line for line in server.stderr if "serving" in line).split(" on ")[1].split()[0]
-        module.objective.objectives[0] = RemoteObjective(address)
+def timed_fit(module: Any, data: Any, steps: int, server: subprocess.Popen | None) -> dict[str, float]:
+    """Fit ``steps`` steps (results written to a scratch folder), stop the server; the medians of the
+    steps after the first."""
     timer = StepTimer(server.pid if server else None)
     try:
         with tempfile.TemporaryDirectory() as scratch:  # the run's results (before_after.png, ...) go there
@@ -81,6 +79,19 @@ def run(served: bool, steps: int, samples: int) -> dict[str, float]:
     later = timer.rows[1:]
     return {"wall": statistics.median(r[0] for r in later), "cpu": statistics.median(r[1] for r in later),
             "server_cpu": statistics.median(r[2] for r in later)}
+
+
+def run(served: bool, steps: int, samples: int) -> dict[str, float]:
+    from _models import cli_parts
+
+    from sdo_lightning.objectives import RemoteObjective
+
+    module, data = cli_parts(["--config", str(ROOT / "configs" / "quickstart.yaml"), "--data.num_samples", str(samples)])
+    server = None
+    if served:
+        server, address = serve(CLASSIFIER)
+        module.objective.objectives[0] = RemoteObjective(address)
+    return timed_fit(module, data, steps, server)
 
 
 def run_tiny_sd(served: bool, steps: int, samples: int, root: Path) -> dict[str, float]:
@@ -98,26 +109,12 @@ def run_tiny_sd(served: bool, steps: int, samples: int, root: Path) -> dict[str,
     server = None
     objective: Any = CLIPScore(str(root / "clip"), prompt="a cat")
     if served:
-        server = subprocess.Popen([sys.executable, "-m", "sdo_lightning", "serve-reward", "--objective", "CLIPScore",
-                                   "--objective.model", str(root / "clip"), "--objective.prompt", "a cat",
-                                   "--address", "127.0.0.1:0", "--threads", "1"], stderr=subprocess.PIPE, text=True)
-        address = next(line for line in server.stderr if "serving" in line).split(" on ")[1].split()[0]
+        server, address = serve(["--objective", "CLIPScore", "--objective.model", str(root / "clip"),
+                                 "--objective.prompt", "a cat"])
         objective = RemoteObjective(address)
     module = LatentOptimization(objective=objective, backbone=StableDiffusionBackbone(str(root / "sd"), guidance_scale=1.0),
                                 solver=DDIM(20), lr=0.1)
-    timer = StepTimer(server.pid if server else None)
-    try:
-        trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-                          default_root_dir=root / "run")
-        trainer.fit(module, datamodule=SampleSet(num_samples=samples, prompt="a cat"))
-    finally:
-        if server is not None:
-            server.kill()
-            server.wait()
-    later = timer.rows[1:]
-    return {"wall": statistics.median(r[0] for r in later), "cpu": statistics.median(r[1] for r in later),
-            "server_cpu": statistics.median(r[2] for r in later)}
+    return timed_fit(module, SampleSet(num_samples=samples, prompt="a cat"), steps, server)
 
 
 def main(argv: list[str] | None = None) -> None:
