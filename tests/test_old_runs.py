@@ -130,7 +130,7 @@ def test_an_old_module_path_still_imports_with_a_deprecation_warning(old):
 def test_an_option_added_since_compares_equal_only_at_its_default():
     """A checkpoint of the earlier release cannot record options added since: left at their
     defaults (the earlier behaviour) they do not make it another run; set otherwise, they do."""
-    from sdo_lightning.modules.base import _is_default
+    from sdo_lightning.modules.fingerprint import _is_default
 
     config = {"model.class_path": "sdo_lightning.latent_optimization.LatentOptimization",  # an old path
               "model.init_args.decode_clamp": "straight_through",
