@@ -137,10 +137,8 @@ def evaluation_args(weights):
     return ["--model.evaluation.features", str(weights / "classifier"), "--model.evaluation.kid_subset_size", "3"]
 
 
-@pytest.fixture(scope="module")
-def run(tiny_digits_dir, tmp_path_factory):
-    """A finished 2-step fit, validated after every step, in a folder of its own."""
-    root = tmp_path_factory.mktemp("evaluation")
+def fit_in(root, tiny_digits_dir):
+    """Run the 2-step fit of :func:`write_config` with ``root`` as the working directory; its config."""
     config = write_config(root / "config.yaml", tiny_digits_dir)
     cwd = os.getcwd()
     os.chdir(root)
@@ -148,7 +146,14 @@ def run(tiny_digits_dir, tmp_path_factory):
         main(["fit", "--config", str(config), *evaluation_args(tiny_digits_dir)])
     finally:
         os.chdir(cwd)
-    return root, config
+    return config
+
+
+@pytest.fixture(scope="module")
+def run(tiny_digits_dir, tmp_path_factory):
+    """A finished 2-step fit, validated after every step, in a folder of its own."""
+    root = tmp_path_factory.mktemp("evaluation")
+    return root, fit_in(root, tiny_digits_dir)
 
 
 def versions(root):

@@ -21,7 +21,7 @@ import torch
 from sdo_lightning import atomic, lora
 from sdo_lightning.cli import clean_message, main
 
-from test_evaluation import evaluation_args, versions, write_config
+from test_evaluation import evaluation_args, fit_in, versions, write_config
 
 torch.set_num_threads(1)
 HERE = Path(__file__).parent
@@ -43,13 +43,7 @@ def one_sentence(args, cwd=None):
 def fitted(tiny_digits_dir, tmp_path_factory):
     """A finished 2-step LoRA fit: its folder, config, last checkpoint and exported adapter."""
     root = tmp_path_factory.mktemp("reliability")
-    config = write_config(root / "config.yaml", tiny_digits_dir)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        main(["fit", "--config", str(config), *evaluation_args(tiny_digits_dir)])
-    finally:
-        os.chdir(cwd)
+    config = fit_in(root, tiny_digits_dir)
     run = versions(root)[0]
     return root, config, run / "checkpoints" / "last.ckpt", run / "lora"
 
